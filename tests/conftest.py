@@ -1,0 +1,75 @@
+"""Shared fixtures: a tiny random Phi-3 (same architecture as Phi-3-mini) and the real SmolLM2 folder."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the suite never touches the network
+
+PHI3_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+PHI3_SPECIALS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+
+
+def make_tiny_phi3(out: Path) -> Path:
+    """A 2-layer random Phi-3 with a small byte-level BPE tokenizer trained on the recipe's data."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast
+
+    rows = [json.loads(x) for x in (REPO / "recipes/data/chat-lora/train.jsonl").read_text().splitlines()]
+    corpus = [m["content"] for r in rows for m in r["messages"]]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=512, special_tokens=PHI3_SPECIALS,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|end|>",
+                                  pad_token="<|endoftext|>", unk_token="<|endoftext|>", chat_template=PHI3_TEMPLATE,
+                                  additional_special_tokens=PHI3_SPECIALS[1:])
+    torch.manual_seed(0)
+    cfg = Phi3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
+                     original_max_position_embeddings=4096, rope_scaling=None, bos_token_id=tok.bos_token_id,
+                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    model = Phi3ForCausalLM(cfg)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_phi3(tmp_path_factory) -> Path:
+    return make_tiny_phi3(tmp_path_factory.mktemp("tiny-phi3"))
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The real SmolLM2 weights, converted once from the shipped GGUF into the toolchain cache."""
+    from toolchain.sources import resolve
+
+    return resolve("smollm2-135m").path
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path) -> Path:
+    """chat-lora with a short schedule and a small eval, for fast tests."""
+    import yaml
+
+    rec = yaml.safe_load((REPO / "recipes/chat-lora.yaml").read_text())
+    data = REPO / "recipes/data/chat-lora"
+    rec["data"].update(train=str(data / "train.jsonl"), eval=str(data / "eval.jsonl"))
+    rec["train"].update(max_steps=4, batch_size=4)
+    rec["metric"].update(eval_limit=8, batch_size=8)
+    p = tmp_path / "tiny-chat.yaml"
+    p.write_text(yaml.safe_dump(rec))
+    return p

@@ -1,0 +1,1 @@
+"""Edge-optimization toolchain: fine-tune, merge, export, quantize, validate, package."""

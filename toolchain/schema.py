@@ -1,0 +1,128 @@
+"""The one schema for model cards (models/*.yaml) and recipes (recipes/*.yaml).
+
+Unknown keys are errors: a typo in a recipe must not silently fall back to a default.
+`load_yaml(path, Model)` names the file and the key path of every problem.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional, Type, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ToolchainError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------- model cards
+class Source(Strict):
+    """Where the weights come from. Exactly one of the three."""
+
+    hub: Optional[str] = None  # a hub id, read from the local HF cache (or downloaded when online)
+    path: Optional[str] = None  # a local HF folder
+    package: Optional[str] = None  # an installed Python package that ships the weights (found, never imported)
+    package_path: Optional[str] = None  # inside that package: a .gguf file or an HF folder
+    pip: Optional[str] = None  # how to install that package, for the error message
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        given = [k for k in ("hub", "path", "package") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of hub, path, package (got {given or 'none'})")
+        if self.package and not self.package_path:
+            raise ValueError("package needs package_path")
+        return self
+
+
+class ModelCard(Strict):
+    name: str
+    description: str = ""
+    architecture: str  # HF model_type: llama, phi3, bert, ...
+    kind: Literal["decoder", "encoder"] = "decoder"
+    params: str  # human-readable count, e.g. "135M"
+    source: Source
+    license: str
+    context_length: int = Field(gt=0)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    chat_template: Literal["tokenizer", "gguf", "none"] = "tokenizer"  # where the chat template comes from
+    lora_target_modules: list[str] = Field(default_factory=list)
+    trust_remote_code: bool = False  # the model needs remote code; the user must still opt in on the CLI
+    requires: list[str] = Field(default_factory=list)  # extra Python packages the model needs (e.g. tiktoken)
+    notes: str = ""
+
+
+# -------------------------------------------------------------------- recipes
+class DataSpec(Strict):
+    train: str  # JSONL, relative to the recipe file
+    eval: Optional[str] = None  # held-out JSONL; without it, eval_fraction of train is held out
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    max_length: int = Field(256, gt=8)
+    packing: bool = False
+    origin: str  # where the data comes from (script, corpus)
+    license: str
+
+
+class MethodSpec(Strict):
+    type: Literal["lora"] = "lora"
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Optional[list[str]] = None  # default: the model card's lora_target_modules
+
+
+class TrainSpec(Strict):
+    max_steps: int = Field(100, gt=0)
+    batch_size: int = Field(8, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(5, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = 0
+    bf16: Literal["auto", "on", "off"] = "auto"  # bf16 autocast where the CPU supports it
+
+
+class MetricSpec(Strict):
+    name: Literal["exact_match", "perplexity"]
+    max_new_tokens: int = Field(48, gt=0)
+    eval_limit: int = Field(64, gt=0)  # held-out examples scored by generation
+    batch_size: int = Field(16, gt=0)
+
+
+class Recipe(Strict):
+    name: str
+    task: Literal["chat", "completion", "domain"]
+    description: str = ""
+    model: str = "smollm2-135m"  # the default model card for this recipe
+    data: DataSpec
+    method: MethodSpec = Field(default_factory=MethodSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    metric: MetricSpec
+
+
+T = TypeVar("T", bound=BaseModel)
+
+
+def load_yaml(path: Path, model: Type[T]) -> T:
+    """Parse and validate one YAML file; every error names the file and the key."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ToolchainError(f"{path}: file not found") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ToolchainError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise ToolchainError(f"{path}: expected a mapping of keys at the top level")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            msg = "unknown key (check the spelling against the schema)" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"{path}: key '{key}': {msg}")
+        raise ToolchainError("\n".join(lines)) from None

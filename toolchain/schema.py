@@ -81,7 +81,7 @@ class TrainSpec(Strict):
     warmup_steps: int = Field(5, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     seed: int = 0
-    bf16: Literal["auto", "on", "off"] = "auto"  # bf16 autocast where the CPU supports it
+    bf16: Literal["auto", "on", "off"] = "auto"  # bf16 autocast: auto = where it is faster (AMX CPUs)
 
 
 class MetricSpec(Strict):

@@ -71,7 +71,8 @@ def test_chat_mask_phi3_template_puts_eos_only_after_last_turn(tiny_phi3):
     tok = load_tokenizer(tiny_phi3)
     ex = data.encode(data.ChatRow.model_validate({"messages": CONV}), tok, 512)
     a1, a2 = CONV[2]["content"], CONV[4]["content"]
-    assert trained_text(tok, ex) == f"{a1}<|end|>\n{a2}<|end|>\n<|endoftext|>"
+    assert tok.eos_token == "<|end|>"  # the template closes the whole conversation with eos_token
+    assert trained_text(tok, ex) == f"{a1}<|end|>\n{a2}<|end|>\n<|end|>"
 
 
 def test_completion_and_text_masks(smollm2):
@@ -109,5 +110,5 @@ def test_shipped_dataset_is_reproducible_and_held_out(tmp_path, monkeypatch):
     gen.main()
     for name in ("train", "eval"):
         assert (tmp_path / "chat-lora" / f"{name}.jsonl").read_text() == (REPO / f"recipes/data/chat-lora/{name}.jsonl").read_text()
-    names = lambda f: {json.loads(m["content"])["name"] for r in data.read_jsonl(f) for m in r.messages if m.role == "assistant"}  # noqa: E731
+    names = lambda f: {json.loads(m.content)["name"] for r in data.read_jsonl(f) for m in r.messages if m.role == "assistant"}  # noqa: E731
     assert not names(REPO / "recipes/data/chat-lora/train.jsonl") & names(REPO / "recipes/data/chat-lora/eval.jsonl")

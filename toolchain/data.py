@@ -131,7 +131,7 @@ def encode(row: Row, tok, max_length: int) -> dict:
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, labels = enc["input_ids"], []
     for tid, (start, end) in zip(ids, enc["offset_mapping"]):
-        inside = any(a <= start < b or (start == end and a < end <= b) for a, b in spans)
+        inside = any(a <= start < end <= b for a, b in spans)  # the whole token lies in a trained span
         labels.append(tid if inside else IGNORE)
     return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
 

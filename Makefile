@@ -5,6 +5,9 @@ BIN       := $(VENV)/bin
 MODEL     ?= smollm2-135m
 RECIPE    ?= chat-lora
 OUT       ?= artifacts
+MODEL_PATH ?=
+MAX_STEPS ?=
+EDGE_ARGS := $(if $(MODEL_PATH),--model-path $(MODEL_PATH)) $(if $(MAX_STEPS),--max-steps $(MAX_STEPS))
 STAMP     := $(VENV)/.setup-stamp
 
 .PHONY: setup edge test clean
@@ -20,7 +23,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 edge: setup
-	$(BIN)/toolchain edge --model $(MODEL) --recipe $(RECIPE) --out $(OUT)
+	$(BIN)/toolchain edge --model $(MODEL) --recipe $(RECIPE) --out $(OUT) $(EDGE_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q tests

@@ -1,6 +1,7 @@
 """Write a folder atomically: build it beside the target, rename it into place only when complete."""
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from contextlib import contextmanager
@@ -25,3 +26,8 @@ def atomic_dir(out: Path):
         os.replace(out, old)
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

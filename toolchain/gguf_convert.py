@@ -3,20 +3,23 @@
 transformers loads GGUF weights well (`gguf_file=`, de-quantizing to fp32), but the tokenizer it rebuilds from a
 GPT-2-style GGUF vocabulary adds a BOS to every encode (doubling it under a chat template) and breaks ONNX Runtime
 GenAI's tokenizer. So the tokenizer is rebuilt here with the `tokenizers` library from the GGUF's own vocabulary,
-merges and special tokens, with the pre-tokenizer llama.cpp uses for the vocabulary (`tokenizer.ggml.pre`).
+merges and control tokens, with the pre-tokenizer llama.cpp uses for that vocabulary (`tokenizer.ggml.pre`).
+
+Entry point: `convert_gguf(gguf_path, out_dir)`. The folder appears atomically (built beside `out_dir`, then renamed).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from .errors import ToolchainError
-from .fsutil import atomic_dir
+from .fsutil import atomic_dir, sha256_file
 
-# llama.cpp's pre-tokenizer names -> whether digits are split one by one before the GPT-2 byte-level regex.
+# llama.cpp pre-tokenizer name -> whether digits are split one by one before the GPT-2 byte-level regex
+# (llama.cpp's SMOLLM pre-tokenizer is "\p{N}" then the GPT-2 regex; `tokenizers`' ByteLevel regex is the GPT-2 one).
 PRE_TOKENIZERS = {"smollm": True, "gpt2": False, "default": False}
-CONTROL = 3  # gguf TokenType.CONTROL
+VERSION = 2  # part of the cache key: bump when the converted folder changes
+CONTROL = 3  # gguf.TokenType.CONTROL: these become special tokens (never split, skipped by decode(skip_special_tokens))
 
 
 def _field(reader, key, default=None):
@@ -25,8 +28,8 @@ def _field(reader, key, default=None):
 
 
 def build_tokenizer(reader):
-    """A `tokenizers.Tokenizer` from the GGUF vocabulary, merges and control tokens."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    """A `tokenizers.Tokenizer` from the GGUF vocabulary, merges and control tokens; also returns the token list."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
     if _field(reader, "tokenizer.ggml.model") != "gpt2":
         raise ToolchainError(f"GGUF tokenizer '{_field(reader, 'tokenizer.ggml.model')}' is not byte-level BPE (gpt2); "
@@ -41,39 +44,46 @@ def build_tokenizer(reader):
     tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
                          if PRE_TOKENIZERS[pre] else byte_level)
     tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)  # offsets only; ids are unchanged
     types = _field(reader, "tokenizer.ggml.token_type")
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
                             for t, ty in zip(tokens, types) if ty == CONTROL])
+    if _field(reader, "tokenizer.ggml.add_bos_token", False):
+        bos_id = _field(reader, "tokenizer.ggml.bos_token_id")
+        bos = tokens[bos_id]
+        tok.post_processor = processors.Sequence([tok.post_processor, processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])])
     return tok, tokens
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path, progress: bool = True) -> Path:
-    """Write config.json, model.safetensors, tokenizer files and source.json for `gguf_path` into `out_dir`."""
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Write config.json, model.safetensors (fp32), tokenizer files, generation_config.json and source.json
+    for `gguf_path` into `out_dir` (replacing it atomically); return `out_dir`."""
     from gguf import GGUFReader
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-    from transformers.utils import logging as hf_logging
 
-    gguf_path = Path(gguf_path)
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    if not gguf_path.is_file():
+        raise ToolchainError(f"GGUF file {gguf_path} does not exist")
     reader = GGUFReader(gguf_path)
     bpe, tokens = build_tokenizer(reader)
     name = lambda key: tokens[_field(reader, key)] if _field(reader, key) is not None else None  # noqa: E731
     arch = _field(reader, "general.architecture")
-    context = int(_field(reader, f"{arch}.context_length", 2048))
     tok = PreTrainedTokenizerFast(
         tokenizer_object=bpe, bos_token=name("tokenizer.ggml.bos_token_id"), eos_token=name("tokenizer.ggml.eos_token_id"),
         unk_token=name("tokenizer.ggml.unknown_token_id"), pad_token=name("tokenizer.ggml.padding_token_id"),
-        chat_template=_field(reader, "tokenizer.chat_template"), model_max_length=context, clean_up_tokenization_spaces=False,
+        chat_template=_field(reader, "tokenizer.chat_template"), clean_up_tokenization_spaces=False,
+        model_max_length=int(_field(reader, f"{arch}.context_length", 2048)),
+        add_bos_token=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)), add_eos_token=False,
     )
-    if not progress:
-        hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model.generation_config.bos_token_id = tok.bos_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    sha = hashlib.sha256(gguf_path.read_bytes()).hexdigest()
-    with atomic_dir(Path(out_dir)) as tmp:
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)  # shows a progress bar
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(model.config, key, getattr(tok, key))
+        setattr(model.generation_config, key, getattr(tok, key))
+    sha = sha256_file(gguf_path)
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
+        tok.save_pretrained(tmp, save_jinja_files=False)  # chat_template inside tokenizer_config.json
         (tmp / "source.json").write_text(json.dumps(
-            {"gguf": str(gguf_path), "bytes": gguf_path.stat().st_size, "sha256": sha}, indent=2))
-    return Path(out_dir)
+            {"gguf": str(gguf_path.resolve()), "bytes": gguf_path.stat().st_size, "sha256": sha}, indent=2) + "\n")
+    return out_dir

@@ -5,7 +5,6 @@ inside an installed package, which is converted once into a cached HF folder (to
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Optional
 
 from .catalog import all_cards, get_card, home
 from .errors import ToolchainError
+from .fsutil import sha256_file
 from .schema import ModelCard
 
 
@@ -62,14 +62,6 @@ def availability(card: ModelCard) -> str:
     return "yes (HF cache)" if _hub_cached(s.hub) else "no: needs --model-path or HF cache"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _from_package(card: ModelCard) -> Path:
     src = package_file(card)
     if src is None:
@@ -80,10 +72,10 @@ def _from_package(card: ModelCard) -> Path:
         )
     if src.is_dir():
         return src
-    out = home() / "models" / f"{card.name}-{_sha256(src)[:12]}"
-    if not (out / "config.json").is_file():
-        from .gguf_convert import convert_gguf
+    from .gguf_convert import VERSION, convert_gguf
 
+    out = home() / "models" / f"{card.name}-{sha256_file(src)[:12]}-v{VERSION}"
+    if not (out / "config.json").is_file():
         convert_gguf(src, out)
     return out
 

@@ -60,9 +60,8 @@ def smollm2() -> Path:
     return resolve("smollm2-135m").path
 
 
-@pytest.fixture
-def tiny_recipe(tmp_path) -> Path:
-    """chat-lora with a short schedule and a small eval, for fast tests."""
+def tiny_recipe_file(folder: Path, **overrides) -> Path:
+    """chat-lora with a short schedule and a small eval, for fast tests; top-level keys can be overridden."""
     import yaml
 
     rec = yaml.safe_load((REPO / "recipes/chat-lora.yaml").read_text())
@@ -70,6 +69,12 @@ def tiny_recipe(tmp_path) -> Path:
     rec["data"].update(train=str(data / "train.jsonl"), eval=str(data / "eval.jsonl"))
     rec["train"].update(max_steps=4, batch_size=4)
     rec["metric"].update(eval_limit=8, batch_size=8)
-    p = tmp_path / "tiny-chat.yaml"
+    rec.update(overrides)
+    p = folder / "chat-lora.yaml"  # the recipe's name stays chat-lora
     p.write_text(yaml.safe_dump(rec))
     return p
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path) -> Path:
+    return tiny_recipe_file(tmp_path)

@@ -6,13 +6,17 @@ import sys
 
 from conftest import REPO
 
-BLOCK = """
-import importlib.abc, pkgutil, sys
+# Makes torch and the HF training stack unimportable, as on a device that installed only `.[runtime]`.
+BLOCK_TORCH = """
+import importlib.abc, sys
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'transformers', 'peft', 'optimum'):
+        if name.split('.')[0] in ('torch', 'transformers', 'peft', 'optimum', 'accelerate'):
             raise ImportError('blocked on a device: ' + name)
 sys.meta_path.insert(0, Block())
+"""
+BLOCK = BLOCK_TORCH + """
+import pkgutil
 import toolchain.runtime as rt
 mods = [m.name for m in pkgutil.walk_packages(rt.__path__, 'toolchain.runtime.')]
 for m in mods:

@@ -107,19 +107,85 @@ def merge(model, adapter, out, model_path, trust_remote_code):
 @cli.command()
 @click.option("--model", default=None, help="A model card name or local folder (default: the recipe's model).")
 @click.option("--recipe", default="chat-lora", show_default=True)
+@click.option("--target", default="cpu-int4", show_default=True, help="cpu-int4, cpu-int8 or cpu-fp32.")
+@click.option("--exporter", type=click.Choice(["genai", "optimum"]), default=None, help="Default: the model card's.")
 @click.option("--out", default="artifacts", show_default=True, type=click.Path())
 @click.option("--max-steps", type=int, default=None, help="Override the recipe's train.max_steps.")
+@click.option("--force", is_flag=True, help="Redo every stage even when its inputs are unchanged.")
 @path_opt
 @trust_opt
-def edge(model, recipe, out, max_steps, model_path, trust_remote_code):
-    """The whole chain for one model and recipe (the stages built so far)."""
+def edge(model, recipe, target, exporter, out, max_steps, force, model_path, trust_remote_code):
+    """The whole chain: finetune, merge, export, quantize, package, validate."""
     from .pipeline import edge as run
 
-    res = run(model, recipe, Path(out), max_steps=max_steps, model_path=model_path, trust_remote_code=trust_remote_code)
-    console.print(f"[bold green]done:[/bold green] {res['run']}")
-    _print_scores(res["finetune"])
-    console.print(f"  merge  max |logit diff| {res['merge']['max_abs_logit_diff']:.2e}")
-    console.print(f"  not built yet: {', '.join(res['not_built_yet'])} (no ONNX artifact is produced)")
+    rep = run(model, recipe, target=target, out=Path(out), exporter=exporter, max_steps=max_steps,
+              model_path=model_path, trust_remote_code=trust_remote_code, force=force)
+    h = rep["headline"]
+    console.print(f"[bold green]artifact:[/bold green] {h['artifact']}  (report: {h['artifact']}/report.md)")
+    console.print(f"  decode {h['decode_tok_s']:.1f} tok/s   size {h['size_mb']:.1f} MB vs fp32 {h['fp32_size_mb']:.1f} MB "
+                  f"({h['fp32_size_mb'] / h['size_mb']:.1f}x smaller)   Δperplexity vs fp32 {h['delta_perplexity_vs_fp32_pct']:+.2f}%")
+    console.print(f"  {h['metric']}: base torch {h['base_torch']:.3f}   tuned torch {h['tuned_torch']:.3f}   "
+                  f"{rep['target']} {h['artifact_metric']:.3f}")
+    _gates_exit(rep)
+
+
+def _gates_exit(rep: dict) -> None:
+    for g in rep["gates"]:
+        console.print(f"  gate {g['gate']}: {g['value']:.3f} (limit {g['limit']}) {'ok' if g['passed'] else '[red]MISSED[/red]'}")
+    if not rep["passed"]:
+        missed = ", ".join(g["gate"] for g in rep["gates"] if not g["passed"])
+        click.echo(f"error: gate(s) missed: {missed}", err=True)
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--data", type=click.Path(), default=None, help="Score this JSONL instead of the shipped eval split.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def validate(artifact, data, as_json):
+    """Check an artifact on this machine (torch-free): integrity, latency, accuracy, gates."""
+    from .runtime.validate import validate as run
+
+    with console.status("validating (latency runs, then held-out accuracy)") as status:
+        rep = run(Path(artifact), Path(data) if data else None,
+                  progress=lambda i, n: status.update(f"held-out generation {i}/{n}"))
+    (Path(artifact) / "report.json").write_text(json.dumps(rep, indent=2))
+    if as_json:
+        click.echo(json.dumps(rep, indent=2))
+    else:
+        m = rep["measured"]
+        console.print(f"[bold]{rep['target']}[/bold] on {rep['provider']}: decode {m['decode_tok_s_p50']:.1f} tok/s, "
+                      f"TTFT p50 {m['ttft_ms_p50']:.0f} ms, prefill {m['prefill_tok_s']:.0f} tok/s, "
+                      f"peak RSS {m['peak_rss_mb']:.0f} MB, size {m['size_mb']:.1f} MB")
+        console.print(f"  perplexity {m['perplexity']:.3f}" + "".join(
+            f", {k} {m[k]:.3f}" for k in ("exact_match", "token_agreement_fp32") if k in m))
+    _gates_exit(rep)
+
+
+@cli.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(), help="A merged HF folder.")
+@click.option("--out", required=True, type=click.Path())
+@click.option("--exporter", type=click.Choice(["genai", "optimum"]), default="genai", show_default=True)
+def export(model_dir, out, exporter):
+    """Export a merged HF folder to an onnxruntime-genai fp32 folder, checking parity with torch."""
+    from .export import export as run
+
+    rep = run(Path(model_dir), Path(out), exporter=exporter)
+    console.print(f"[bold]exported to {out}[/bold]  {json.dumps({k: v for k, v in rep.items() if k != 'prompts'})}")
+
+
+@cli.command()
+@click.option("--onnx", "onnx_dir", required=True, type=click.Path(), help="The folder `toolchain export` wrote.")
+@click.option("--target", required=True, help="cpu-int4, cpu-int8 or cpu-fp32.")
+@click.option("--out", required=True, type=click.Path())
+@click.option("--recipe", default=None, help="Take the int4 settings from this recipe's `quantize:` section.")
+def quantize(onnx_dir, target, out, recipe):
+    """Quantize an exported fp32 ONNX folder for a target."""
+    from .catalog import load_recipe
+    from .quantize import quantize as run
+
+    rep = run(Path(onnx_dir), target, Path(out), load_recipe(recipe)[0].quantize if recipe else None)
+    console.print(f"[bold]{target} written to {out}[/bold]  ({rep['size_mb']} MB, {rep['seconds']} s)")
 
 
 def main() -> None:

@@ -50,6 +50,7 @@ class ModelCard(Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     chat_template: Literal["tokenizer", "gguf", "none"] = "tokenizer"  # where the chat template comes from
     lora_target_modules: list[str] = Field(default_factory=list)
+    exporter: Literal["genai", "optimum"] = "genai"  # default ONNX exporter, chosen by measurement
     trust_remote_code: bool = False  # the model needs remote code; the user must still opt in on the CLI
     requires: list[str] = Field(default_factory=list)  # extra Python packages the model needs (e.g. tiktoken)
     notes: str = ""
@@ -91,6 +92,24 @@ class MetricSpec(Strict):
     batch_size: int = Field(16, gt=0)
 
 
+class QuantizeSpec(Strict):
+    """cpu-int4 settings (MatMulNBits)."""
+
+    algo: Literal["rtn", "hqq", "k_quant"] = "rtn"
+    block_size: Literal[16, 32, 64, 128, 256] = 32
+    symmetric: bool = True
+    accuracy_level: Literal[0, 1, 2, 3, 4] = 4  # 4: int8 activations in the CPU kernel
+    lm_head: bool = True  # quantize the output projection too
+
+
+class Gates(Strict):
+    """What an artifact must meet; `toolchain validate` exits non-zero and names each gate it misses."""
+
+    max_perplexity_increase_pct: Optional[float] = Field(None, ge=0)  # vs the tuned torch model
+    min_metric_fraction: Optional[float] = Field(None, gt=0, le=1)  # task metric as a fraction of tuned torch
+    min_decode_tok_s: Optional[float] = Field(None, gt=0)
+
+
 class Recipe(Strict):
     name: str
     task: Literal["chat", "completion", "domain"]
@@ -100,6 +119,8 @@ class Recipe(Strict):
     method: MethodSpec = Field(default_factory=MethodSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     metric: MetricSpec
+    quantize: QuantizeSpec = Field(default_factory=QuantizeSpec)
+    gates: Gates = Field(default_factory=Gates)
 
 
 T = TypeVar("T", bound=BaseModel)

@@ -1,0 +1,73 @@
+"""Stage 4: quantize an exported fp32 ONNX folder for a target, with onnxruntime.quantization.
+
+    cpu-fp32   the reference, copied as is
+    cpu-int4   MatMulNBits weight-only int4 (block 32, accuracy level 4 = int8 activations on CPU, lm_head too);
+               algorithm RTN by default, HQQ or k-quant from the recipe's `quantize:` section
+    cpu-int8   dynamic int8 (weights int8 per channel, activations quantized at run time)
+
+Everything else in the folder (genai_config.json, tokenizer, chat template) is copied beside the new model.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from .errors import ToolchainError
+from .fsutil import atomic_dir
+from .schema import QuantizeSpec
+
+TARGETS = {
+    "cpu-fp32": {"provider": "cpu", "precision": "fp32"},
+    "cpu-int4": {"provider": "cpu", "precision": "int4"},
+    "cpu-int8": {"provider": "cpu", "precision": "int8"},
+}
+MODEL = "model.onnx"
+
+
+def _int4(src: Path, dst: Path, spec: QuantizeSpec) -> dict:
+    import onnx
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnb
+
+    algo = {"rtn": None,
+            "hqq": lambda: mnb.HQQWeightOnlyQuantConfig(block_size=spec.block_size, bits=4),
+            "k_quant": lambda: mnb.KQuantWeightOnlyQuantConfig()}[spec.algo]
+    model = onnx.load(str(src))
+    exclude = [] if spec.lm_head else [n.name for n in model.graph.node if n.op_type == "MatMul" and "lm_head" in n.name]
+    q = mnb.MatMulNBitsQuantizer(model, bits=4, block_size=spec.block_size, is_symmetric=spec.symmetric,
+                                 accuracy_level=spec.accuracy_level, nodes_to_exclude=exclude,
+                                 algo_config=algo() if algo else None)
+    q.process()
+    q.model.save_model_to_file(str(dst), use_external_data_format=True)
+    nodes = [n.op_type for n in q.model.model.graph.node]
+    return {"matmulnbits": nodes.count("MatMulNBits"), "matmul_left_fp32": nodes.count("MatMul"),
+            "lm_head_quantized": spec.lm_head, **spec.model_dump()}
+
+
+def _int8(src: Path, dst: Path) -> dict:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                     use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
+    return {"weight_type": "int8", "per_channel": True}
+
+
+def quantize(onnx_dir: Path, target: str, out: Path, spec: QuantizeSpec | None = None) -> dict:
+    """Write the quantized model folder for `target`; returns what was done (also in quantize_report.json)."""
+    onnx_dir, spec = Path(onnx_dir), spec or QuantizeSpec()
+    if target not in TARGETS:
+        raise ToolchainError(f"unknown target '{target}'. Targets: {', '.join(TARGETS)}")
+    if not (onnx_dir / MODEL).is_file():
+        raise ToolchainError(f"{onnx_dir}: no {MODEL}; pass the folder `toolchain export` wrote")
+    t0 = time.time()
+    with atomic_dir(Path(out)) as tmp:
+        for p in onnx_dir.iterdir():
+            if p.is_file() and (target == "cpu-fp32" or not p.name.startswith(MODEL)) and p.name != "export_report.json":
+                shutil.copy2(p, tmp / p.name)
+        info = {"cpu-fp32": lambda: {}, "cpu-int4": lambda: _int4(onnx_dir / MODEL, tmp / MODEL, spec),
+                "cpu-int8": lambda: _int8(onnx_dir / MODEL, tmp / MODEL)}[target]()
+        report = {"target": target, **TARGETS[target], **info, "seconds": round(time.time() - t0, 1),
+                  "size_mb": round(sum(p.stat().st_size for p in tmp.glob(MODEL + "*")) / 1e6, 1)}
+        (tmp / "quantize_report.json").write_text(json.dumps(report, indent=2))
+    return report

@@ -1,0 +1,36 @@
+"""Stage 3b: the held-out split as the device will see it, and the fp32 ONNX model's numbers on it.
+
+Writes eval.jsonl (token ids and loss mask per held-out example; for the first `eval_limit` a prompt, the reference
+answer and the fp32 ONNX model's greedy tokens) and reference.json (perplexity and task metric of the fp32 ONNX
+model). Every artifact ships this eval.jsonl, so a device validates on exactly these tokens.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import data as data_mod
+from .fsutil import atomic_dir
+from .hf import load_tokenizer
+from .runtime import genai
+from .runtime.validate import EVAL_FILE, accuracy
+
+
+def reference(export_dir: Path, merged_dir: Path, recipe, recipe_file: Path, out: Path) -> dict:
+    tok = load_tokenizer(merged_dir)
+    ds = data_mod.load(recipe, recipe_file, tok)
+    rows = []
+    for i, (ex, row) in enumerate(zip(ds.eval, ds.eval_rows)):
+        r = {"input_ids": ex["input_ids"], "labels": ex["labels"]}
+        pair = data_mod.generation_pair(row, tok)
+        if pair and i < recipe.metric.eval_limit:
+            r.update(prompt_ids=tok(pair[0], add_special_tokens=False)["input_ids"], reference=pair[1])
+        rows.append(r)
+    model, og_tok = genai.load(Path(export_dir))
+    figures, generated = accuracy(model, og_tok, rows, recipe.metric.name, recipe.metric.max_new_tokens)
+    for r, toks in zip([r for r in rows if "prompt_ids" in r], generated):
+        r["fp32_tokens"] = toks
+    with atomic_dir(Path(out)) as tmp:
+        (tmp / EVAL_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (tmp / "reference.json").write_text(json.dumps(figures, indent=2))
+    return figures

@@ -1,0 +1,64 @@
+"""report.json, report.md and report.png for an artifact; the plot compares every target built so far for the run."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _fmt(v, spec=".3f"):
+    return format(v, spec) if isinstance(v, (int, float)) else "n/a"
+
+
+def markdown(rep: dict, siblings: dict[str, dict]) -> str:
+    m, ref = rep["measured"], rep["reference"]
+    metric = next((k for k in ("exact_match",) if k in m), None)
+    lines = [f"# {rep['target']} — {rep['artifact']}", "",
+             f"Validated with ONNX Runtime GenAI on the `{rep['provider']}` execution provider "
+             f"({'all gates passed' if rep['passed'] else 'GATES MISSED'}).", "",
+             "| figure | value |", "|---|---|",
+             f"| decode tok/s (p50) | {_fmt(m['decode_tok_s_p50'], '.1f')} |",
+             f"| prefill tok/s | {_fmt(m['prefill_tok_s'], '.1f')} |",
+             f"| TTFT p50 / p95 (ms) | {_fmt(m['ttft_ms_p50'], '.1f')} / {_fmt(m['ttft_ms_p95'], '.1f')} |",
+             f"| peak RSS (MB) | {_fmt(m['peak_rss_mb'], '.0f')} |",
+             f"| model size (MB) | {_fmt(m['size_mb'], '.1f')} |",
+             f"| held-out perplexity | {_fmt(m['perplexity'])} (torch tuned {_fmt(ref.get('torch_tuned', {}).get('perplexity'))}, "
+             f"fp32 ONNX {_fmt(ref.get('onnx_fp32', {}).get('perplexity'))}) |"]
+    if metric:
+        lines.append(f"| {metric} | {_fmt(m[metric])} (torch base {_fmt(ref.get('torch_base', {}).get(metric))}, "
+                     f"torch tuned {_fmt(ref.get('torch_tuned', {}).get(metric))}) |")
+    if "token_agreement_fp32" in m:
+        lines.append(f"| greedy token agreement with fp32 ONNX | {_fmt(m['token_agreement_fp32'])} |")
+    lines += ["", "## Gates", ""] + [f"- {'PASS' if g['passed'] else 'MISS'} `{g['gate']}`: {_fmt(g['value'])} "
+                                     f"(limit {g['limit']})" for g in rep["gates"]] + (["- none set"] if not rep["gates"] else [])
+    lines += ["", "## Targets built so far", "", "| target | size MB | decode tok/s | perplexity | metric |", "|---|---|---|---|---|"]
+    for name, r in sorted(siblings.items()):
+        s = r["measured"]
+        lines.append(f"| {name} | {_fmt(s['size_mb'], '.1f')} | {_fmt(s['decode_tok_s_p50'], '.1f')} | "
+                     f"{_fmt(s['perplexity'])} | {_fmt(s.get(metric)) if metric else 'n/a'} |")
+    return "\n".join(lines + ["", "![targets](report.png)", ""])
+
+
+def plot(siblings: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted(siblings)
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    for ax, (key, label) in zip(axes, [("size_mb", "size (MB)"), ("decode_tok_s_p50", "decode tok/s"),
+                                      ("exact_match", "task metric")]):
+        ax.bar(names, [siblings[n]["measured"].get(key, 0) or 0 for n in names], color="#4a7ab5")
+        ax.set_title(label)
+        ax.tick_params(axis="x", labelrotation=20)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_reports(artifact: Path, rep: dict) -> None:
+    artifact = Path(artifact)
+    (artifact / "report.json").write_text(json.dumps(rep, indent=2))
+    siblings = {p.parent.name: json.loads(p.read_text()) for p in artifact.parent.glob("*/report.json")}
+    (artifact / "report.md").write_text(markdown(rep, siblings))
+    plot(siblings, artifact / "report.png")

@@ -1,0 +1,71 @@
+"""ONNX Runtime GenAI on an artifact folder: greedy generation with timings, and prompt log-likelihoods. No torch."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+def load(folder: Path, provider: str = "cpu"):
+    """(model, tokenizer) for an onnxruntime-genai folder, on the given execution provider."""
+    import onnxruntime_genai as og
+
+    cfg = og.Config(str(folder))
+    if provider != "cpu":
+        cfg.clear_providers()
+        cfg.append_provider(provider)
+    model = og.Model(cfg)
+    return model, og.Tokenizer(model)
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    prompt_tokens: int
+    ttft_s: float  # prompt processed and first new token chosen
+    decode_s: float  # the remaining new tokens
+
+    @property
+    def decode_tok_s(self) -> float:
+        n = len(self.tokens) - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else float("nan")
+
+
+def generate(model, prompt_ids: list[int], max_new_tokens: int, force_length: bool = False) -> Generation:
+    """Greedy decoding. force_length keeps going past end-of-sequence, for timing a fixed number of tokens."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    total = len(prompt_ids) + max_new_tokens
+    params.set_search_options(do_sample=False, max_length=total, min_length=total if force_length else 0)
+    gen = og.Generator(model, params)
+    t0 = time.perf_counter()
+    gen.append_tokens(np.asarray(prompt_ids, dtype=np.int32))
+    out = []
+    t_first = None
+    while not gen.is_done():
+        gen.generate_next_token()
+        out.append(int(gen.get_next_tokens()[0]))
+        if t_first is None:
+            t_first = time.perf_counter()
+    end = time.perf_counter()
+    return Generation(out, len(prompt_ids), (t_first or end) - t0, end - (t_first or end))
+
+
+def nll(model, input_ids: list[int], labels: list[int]) -> tuple[float, int]:
+    """Sum of next-token negative log-likelihood over positions whose label is not -100, and their count."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(input_ids) + 1)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.asarray(input_ids, dtype=np.int32))
+    logits = np.asarray(gen.get_output("logits"), dtype=np.float32)[0]  # [seq, vocab]
+    lab = np.asarray(labels[1:])
+    keep = lab != -100
+    x = logits[:-1][keep]
+    x = x - x.max(axis=-1, keepdims=True)
+    logp = x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    return float(-logp[np.arange(len(x)), lab[keep]].sum()), int(keep.sum())

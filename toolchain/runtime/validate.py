@@ -1,0 +1,123 @@
+"""Validate an artifact folder with ONNX Runtime GenAI: integrity, latency, accuracy, gates. No torch.
+
+    toolchain validate artifacts/smollm2-135m-chat-lora/cpu-int4 [--data eval.jsonl] [--json]
+
+1. Every file against the manifest's sha256.
+2. Latency: a warm-up, then repeated greedy runs of a fixed number of new tokens on a held-out prompt:
+   TTFT p50/p95, prefill tok/s, decode tok/s p50, peak RSS, size on disk.
+3. Accuracy on the held-out split shipped in the artifact (eval.jsonl, tokenized at packaging time with the same
+   tokenizer): perplexity on the loss-carrying tokens, the recipe's task metric by greedy generation, and greedy
+   token agreement with the fp32 ONNX model.
+4. The recipe's gates, against the reference numbers the pipeline recorded from the torch merged model.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from . import genai, manifest, metrics
+
+EVAL_FILE = "eval.jsonl"
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def latency(model, prompt_ids: list[int], new_tokens: int = 64, runs: int = 5) -> dict:
+    genai.generate(model, prompt_ids, new_tokens, force_length=True)  # warm-up
+    gens = [genai.generate(model, prompt_ids, new_tokens, force_length=True) for _ in range(runs)]
+    ttft = [g.ttft_s for g in gens]
+    return {"prompt_tokens": len(prompt_ids), "new_tokens": new_tokens, "runs": runs,
+            "ttft_ms_p50": 1000 * _percentile(ttft, 0.5), "ttft_ms_p95": 1000 * _percentile(ttft, 0.95),
+            "prefill_tok_s": len(prompt_ids) / _percentile(ttft, 0.5),
+            "decode_tok_s_p50": statistics.median(g.decode_tok_s for g in gens)}
+
+
+def agreement(pred: list[int], ref: list[int]) -> float:
+    """Fraction of reference positions where the greedy token is the same (positions past the end count as misses)."""
+    return sum(a == b for a, b in zip(pred, ref)) / len(ref) if ref else 1.0
+
+
+def accuracy(model, tok, rows: list[dict], metric: str, max_new_tokens: int, progress=None) -> tuple[dict, list]:
+    """Perplexity over every row; for rows with a prompt, greedy generation scored by the metric and compared with
+    the fp32 model's tokens where the row has them. Returns the figures and the generated token lists."""
+    nll, n = 0.0, 0
+    for r in rows:
+        a, b = genai.nll(model, r["input_ids"], r["labels"])
+        nll, n = nll + a, n + b
+    out = {"perplexity": metrics.perplexity(nll, n), "eval_tokens": n}
+    gen_rows = [r for r in rows if "prompt_ids" in r]
+    generated = []
+    if gen_rows and metric == "exact_match":
+        agree = []
+        for i, r in enumerate(gen_rows):
+            generated.append(genai.generate(model, r["prompt_ids"], max_new_tokens).tokens)
+            if "fp32_tokens" in r:
+                agree.append(agreement(generated[-1], r["fp32_tokens"]))
+            if progress:
+                progress(i + 1, len(gen_rows))
+        preds = [tok.decode(t) for t in generated]
+        out["exact_match"] = metrics.exact_match(preds, [r["reference"] for r in gen_rows])
+        out["eval_examples"] = len(gen_rows)
+        if agree:
+            out["token_agreement_fp32"] = sum(agree) / len(agree)
+    return out, generated
+
+
+def check_gates(gates: dict, measured: dict, reference: dict, metric: str) -> list[dict]:
+    """One entry per gate: name, limit, value, passed."""
+    out = []
+    gates = {k: v for k, v in gates.items() if v is not None}  # unset gates
+    ref = reference.get("torch_tuned", {})
+    if "max_perplexity_increase_pct" in gates and "perplexity" in ref:
+        inc = 100 * (measured["perplexity"] / ref["perplexity"] - 1)
+        out.append({"gate": "max_perplexity_increase_pct", "limit": gates["max_perplexity_increase_pct"],
+                    "value": inc, "passed": inc <= gates["max_perplexity_increase_pct"]})
+    if "min_metric_fraction" in gates and metric in ref and metric in measured:
+        frac = measured[metric] / ref[metric] if ref[metric] else float("inf")
+        out.append({"gate": "min_metric_fraction", "limit": gates["min_metric_fraction"], "value": frac,
+                    "passed": frac >= gates["min_metric_fraction"]})
+    if "min_decode_tok_s" in gates:
+        v = measured["decode_tok_s_p50"]
+        out.append({"gate": "min_decode_tok_s", "limit": gates["min_decode_tok_s"], "value": v,
+                    "passed": v >= gates["min_decode_tok_s"]})
+    return out
+
+
+def _rows(folder: Path, data: Optional[Path], tok) -> list[dict]:
+    from .devicedata import tokenize_rows
+
+    if data is None:
+        return [json.loads(x) for x in (folder / EVAL_FILE).read_text().splitlines() if x.strip()]
+    return tokenize_rows(Path(data), tok)
+
+
+def validate(folder: Path, data: Optional[Path] = None, progress=None) -> dict:
+    folder = Path(folder)
+    man = manifest.verify(folder)
+    target = man["target"]
+    model, tok = genai.load(folder, target.get("provider", "cpu"))
+    rows = _rows(folder, data, tok)
+    rec = man["recipe"]
+    t0 = time.time()
+    lat = latency(model, rows[0].get("prompt_ids") or rows[0]["input_ids"])
+    acc, _ = accuracy(model, tok, rows, rec["metric"]["name"], rec["metric"]["max_new_tokens"], progress)
+    size = sum(p.stat().st_size for p in folder.iterdir() if p.name in man["files"] and p.suffix in (".onnx", ".data"))
+    measured = {**lat, **acc, "size_mb": size / 1e6,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    reference = man.get("reference", {})
+    gates = check_gates(rec.get("gates", {}), measured, reference, rec["metric"]["name"]) if data is None else []
+    return {"artifact": str(folder), "target": target["name"], "provider": target.get("provider", "cpu"),
+            "validated": True, "data": str(data) if data else EVAL_FILE, "measured": measured,
+            "reference": {k: v for k, v in reference.items() if k != "greedy"}, "gates": gates,
+            "passed": all(g["passed"] for g in gates), "seconds": round(time.time() - t0, 1),
+            "host": {"python": sys.version.split()[0]}}

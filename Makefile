@@ -4,6 +4,7 @@ VENV      := .venv
 BIN       := $(VENV)/bin
 MODEL     ?= smollm2-135m
 RECIPE    ?= chat-lora
+TARGET    ?= cpu-int4
 OUT       ?= artifacts
 MODEL_PATH ?=
 MAX_STEPS ?=
@@ -23,7 +24,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 edge: setup
-	$(BIN)/toolchain edge --model $(MODEL) --recipe $(RECIPE) --out $(OUT) $(EDGE_ARGS)
+	$(BIN)/toolchain edge --model $(MODEL) --recipe $(RECIPE) --target $(TARGET) --out $(OUT) $(EDGE_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q tests

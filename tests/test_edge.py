@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -125,3 +126,14 @@ def test_smollm2_default_chain_short(tmp_path):
     assert rep["passed"] and h["size_mb"] < h["fp32_size_mb"] / 2
     assert abs(h["delta_perplexity_vs_fp32_pct"]) < 50 and h["decode_tok_s"] > 0
     assert 0 <= h["artifact_metric"] <= 1 and rep["reference"]["onnx_fp32"]["eval_examples"] == 8
+
+
+def test_readme_device_snippet_runs(tiny_run):
+    """The README's onnxruntime-genai script, run as written next to a cpu-int4 folder."""
+    _, _, rep = tiny_run
+    readme = (REPO / "README.md").read_text()
+    code = readme[readme.index("```python") + len("```python"):]
+    code = code[: code.index("```")].replace("max_length=256", "max_length=64")
+    r = subprocess.run([sys.executable, "-c", BLOCK_TORCH + code], capture_output=True, text=True,
+                       cwd=Path(rep["headline"]["artifact"]).parent)
+    assert r.returncode == 0, r.stderr

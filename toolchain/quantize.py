@@ -10,6 +10,7 @@ Everything else in the folder (genai_config.json, tokenizer, chat template) is c
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -38,6 +39,7 @@ def _int4(src: Path, dst: Path, spec: QuantizeSpec) -> dict:
     q = mnb.MatMulNBitsQuantizer(model, bits=4, block_size=spec.block_size, is_symmetric=spec.symmetric,
                                  accuracy_level=spec.accuracy_level, nodes_to_exclude=exclude,
                                  algo_config=algo() if algo else None)
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # one INFO line per node otherwise
     q.process()
     q.model.save_model_to_file(str(dst), use_external_data_format=True)
     nodes = [n.op_type for n in q.model.model.graph.node]

@@ -90,7 +90,8 @@ def edge(model: Optional[str], recipe: str, target: str = "cpu-int4", out: Path 
                             {"name": target, **TARGETS[target], "exporter": exporter, "quantize": q},
                             st.lineage, reference_figs, {"weights": ft_in["weights"], "data": ft_in["data"]}))})
     console.print(f"[bold]validate[/bold] {art}")
-    report = validate(art)
+    with console.status("validate: latency runs, then held-out accuracy") as status:
+        report = validate(art, progress=lambda i, n: status.update(f"validate: held-out generation {i}/{n}"))
     write_reports(art, report)
     fp32_size = sum(p.stat().st_size for p in ex_dir.glob("model.onnx*")) / 1e6
     m = report["measured"]

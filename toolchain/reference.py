@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from . import data as data_mod
 from .fsutil import atomic_dir
 from .hf import load_tokenizer
@@ -27,7 +29,9 @@ def reference(export_dir: Path, merged_dir: Path, recipe, recipe_file: Path, out
             r.update(prompt_ids=tok(pair[0], add_special_tokens=False)["input_ids"], reference=pair[1])
         rows.append(r)
     model, og_tok = genai.load(Path(export_dir))
-    figures, generated = accuracy(model, og_tok, rows, recipe.metric.name, recipe.metric.max_new_tokens)
+    with tqdm(total=sum("prompt_ids" in r for r in rows), desc="fp32 ONNX reference generations") as bar:
+        figures, generated = accuracy(model, og_tok, rows, recipe.metric.name, recipe.metric.max_new_tokens,
+                                      progress=lambda i, n: bar.update(1))
     for r, toks in zip([r for r in rows if "prompt_ids" in r], generated):
         r["fp32_tokens"] = toks
     with atomic_dir(Path(out)) as tmp:

@@ -12,6 +12,7 @@ from rich.table import Table
 from .errors import ToolchainError
 
 console = Console()
+err_console = Console(stderr=True)  # progress and notes when stdout carries JSON
 model_opt = click.option("--model", required=True, help="A model card name (toolchain models) or a local HF folder.")
 path_opt = click.option("--model-path", default=None, help="Local HF folder with the weights of a hub-sourced card.")
 trust_opt = click.option("--trust-remote-code", is_flag=True, help="Allow a card that needs its repository's code.")
@@ -129,9 +130,9 @@ def edge(model, recipe, target, exporter, out, max_steps, force, model_path, tru
     _gates_exit(rep)
 
 
-def _gates_exit(rep: dict) -> None:
+def _gates_exit(rep: dict, out: Console = console) -> None:
     for g in rep["gates"]:
-        console.print(f"  gate {g['gate']}: {g['value']:.3f} (limit {g['limit']}) {'ok' if g['passed'] else '[red]MISSED[/red]'}")
+        out.print(f"  gate {g['gate']}: {g['value']:.3f} (limit {g['limit']}) {'ok' if g['passed'] else '[red]MISSED[/red]'}")
     if not rep["passed"]:
         missed = ", ".join(g["gate"] for g in rep["gates"] if not g["passed"])
         click.echo(f"error: gate(s) missed: {missed}", err=True)
@@ -146,7 +147,7 @@ def validate(artifact, data, as_json):
     """Check an artifact on this machine (torch-free): integrity, latency, accuracy, gates."""
     from .runtime.validate import validate as run
 
-    with console.status("validating (latency runs, then held-out accuracy)") as status:
+    with err_console.status("validating (latency runs, then held-out accuracy)") as status:
         rep = run(Path(artifact), Path(data) if data else None,
                   progress=lambda i, n: status.update(f"held-out generation {i}/{n}"))
     (Path(artifact) / "report.json").write_text(json.dumps(rep, indent=2))
@@ -159,7 +160,7 @@ def validate(artifact, data, as_json):
                       f"peak RSS {m['peak_rss_mb']:.0f} MB, size {m['size_mb']:.1f} MB")
         console.print(f"  perplexity {m['perplexity']:.3f}" + "".join(
             f", {k} {m[k]:.3f}" for k in ("exact_match", "token_agreement_fp32") if k in m))
-    _gates_exit(rep)
+    _gates_exit(rep, err_console if as_json else console)
 
 
 @cli.command()

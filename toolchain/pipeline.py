@@ -80,8 +80,8 @@ def edge(model: Optional[str], recipe: str, target: str = "cpu-int4", out: Path 
     mg_dir, mg_key, _ = st.run("merged", {"finetune": ft_key}, lambda o: merge(model, ft_dir, o, model_path=model_path,
                                trust_remote_code=trust_remote_code))
     exporter = exporter or src.card.exporter
-    ex_dir, ex_key, ex = st.run(f"export-{exporter}", {"merged": mg_key, "exporter": exporter},
-                                lambda o: export(mg_dir, o, exporter=exporter))
+    ex_dir, ex_key, _ = st.run(f"export-{exporter}", {"merged": mg_key, "exporter": exporter},
+                               lambda o: export(mg_dir, o, exporter=exporter, trust_remote_code=trust_remote_code))
     rf_dir, rf_key, fp32 = st.run("reference", {"export": ex_key, "recipe": rec.model_dump(include={"data", "metric"})},
                                   lambda o: reference(ex_dir, mg_dir, rec, rec_file, o))
     q_dir, q_key, q = st.run(f"quantize-{target}", {"export": ex_key, "target": target, "spec": rec.quantize.model_dump()},

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from conftest import REPO
 from toolchain.errors import ToolchainError
 from toolchain.finetune import finetune
 from toolchain.hf import load_causal_lm, load_tokenizer
@@ -53,3 +54,16 @@ def test_merge_refuses_quantized_base_and_bad_adapter(tiny_phi3, tmp_path):
     with pytest.raises(ToolchainError, match="merge into the full-precision base"):
         merge(str(q), ad, tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+def test_loss_on_trained_positions_equals_the_models_loss(tiny_phi3):
+    from toolchain import data
+    from toolchain.finetune import causal_lm_loss
+    from toolchain.hf import collate
+
+    tok = load_tokenizer(tiny_phi3)
+    rows = data.read_jsonl(REPO / "recipes/data/chat-lora/train.jsonl")[:4]
+    batch = collate([data.encode(r, tok, 192) for r in rows], tok.pad_token_id)
+    model = load_causal_lm(tiny_phi3)
+    with torch.no_grad():
+        assert causal_lm_loss(model, batch).item() == pytest.approx(model(**batch).loss.item(), rel=1e-5)

@@ -137,3 +137,14 @@ def test_readme_device_snippet_runs(tiny_run):
     r = subprocess.run([sys.executable, "-c", BLOCK_TORCH + code], capture_output=True, text=True,
                        cwd=Path(rep["headline"]["artifact"]).parent)
     assert r.returncode == 0, r.stderr
+
+
+def test_validate_with_own_data_tokenizes_on_device(tiny_run, tmp_path):
+    """--data: the user's JSONL is tokenized by the artifact's own tokenizer; no gates against references."""
+    _, _, rep = tiny_run
+    lines = (REPO / "recipes/data/chat-lora/eval.jsonl").read_text().splitlines()[:3]
+    data = tmp_path / "mine.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    out = validate(Path(rep["headline"]["artifact"]), data)
+    assert out["data"] == str(data) and out["gates"] == [] and out["measured"]["eval_examples"] == 3
+    assert out["measured"]["perplexity"] > 1 and "token_agreement_fp32" not in out["measured"]

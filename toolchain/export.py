@@ -30,8 +30,9 @@ import torch
 
 from .errors import ToolchainError
 from .fsutil import atomic_dir
-from .hf import load_causal_lm, load_tokenizer
+from .hf import load_causal_lm, load_tokenizer, user_prompt
 from .merge import PROMPTS
+from .package import versions
 
 EXPORTERS = ("genai", "optimum")
 # Measured max |logit diff|, fp32 ONNX (through onnxruntime-genai) vs torch: 2.4e-7 on the random 2-layer Phi-3 of
@@ -182,11 +183,6 @@ def _export_optimum(model_dir: Path, out: Path, precision: str, work: Path, trus
     tok.save_pretrained(out)
 
 
-def _chat(tok, prompt: str) -> str:
-    return (tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-            if tok.chat_template else prompt)
-
-
 def _genai_run(og_model, prompt: list[int]) -> tuple[list[int], np.ndarray]:
     """Greedy decoding through onnxruntime-genai: one prefill of the prompt, then DECODE_STEPS single-token steps
     through the KV cache. Returns the sequence and the logits at every position of it."""
@@ -219,7 +215,7 @@ def check_parity(onnx_dir: Path, model_dir: Path, precision: str = "fp32", trust
     import onnxruntime_genai as og
 
     tok = load_tokenizer(model_dir, trust_remote_code)
-    texts = [_chat(tok, p) for p in PROMPTS]
+    texts = [user_prompt(tok, p) for p in PROMPTS]
     try:
         og_model = og.Model(str(onnx_dir))
     except Exception as e:  # a genai_config.json that does not match the ONNX model
@@ -273,14 +269,7 @@ def export(model_dir: Path, out: Path, exporter: str = "genai", precision: str =
             "model_type": cfg.get("model_type"), "parity": parity,
             "export_s": round(export_s, 2), "wall_s": round(time.perf_counter() - t0, 2),
             "files": {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()},
-            "versions": _versions(exporter),
+            "versions": versions(),
         }
         (tmp / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
-
-
-def _versions(exporter: str) -> dict:
-    from importlib.metadata import version
-
-    pkgs = ["onnxruntime", "onnxruntime-genai", "torch", "transformers"] + (["optimum-onnx"] if exporter == "optimum" else [])
-    return {p: version(p) for p in pkgs}

@@ -32,6 +32,13 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     return tok
 
 
+def user_prompt(tok, text: str) -> str:
+    """`text` as one user turn under the tokenizer's chat template (as is, for a model without one)."""
+    if not tok.chat_template:
+        return text
+    return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+
+
 def load_causal_lm(path: Path, trust_remote_code: bool = False, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 

@@ -14,7 +14,7 @@ import torch
 
 from .errors import ToolchainError
 from .fsutil import atomic_dir
-from .hf import load_causal_lm, load_tokenizer
+from .hf import load_causal_lm, load_tokenizer, user_prompt
 from .sources import resolve
 
 TOLERANCE = 1e-3
@@ -53,8 +53,7 @@ def merge(model: str, adapter: Path, out: Path, model_path: Optional[str] = None
     peft_model = PeftModel.from_pretrained(base, adir)
     peft_model.eval()
 
-    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-             if tok.chat_template else p for p in PROMPTS]
+    texts = [user_prompt(tok, p) for p in PROMPTS]
     tok.padding_side = "right"
     batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     before = _logits(peft_model, batch)

@@ -1,4 +1,4 @@
-"""report.json, report.md and report.png for an artifact; the plot compares every target built so far for the run."""
+"""report.md and report.png for an artifact; the plot compares every target built so far for the run."""
 from __future__ import annotations
 
 import json
@@ -57,8 +57,8 @@ def plot(siblings: dict[str, dict], path: Path) -> None:
 
 
 def write_reports(artifact: Path, rep: dict) -> None:
+    """report.md and report.png beside the report.json that `toolchain validate` wrote."""
     artifact = Path(artifact)
-    (artifact / "report.json").write_text(json.dumps(rep, indent=2))
     siblings = {p.parent.name: json.loads(p.read_text()) for p in artifact.parent.glob("*/report.json")}
     (artifact / "report.md").write_text(markdown(rep, siblings))
     plot(siblings, artifact / "report.png")

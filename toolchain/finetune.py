@@ -1,17 +1,22 @@
-"""Stage 1: fine-tune a model with a PEFT LoRA adapter, on the CPU by default.
+"""Stage 1: fine-tune a model by the recipe's method (LoRA, QLoRA, DoRA, rsLoRA, full), on the CPU by default.
 
 Output folder:
-    adapter/          the PEFT adapter (safetensors + adapter_config.json)
-    recipe.yaml       the recipe as resolved (defaults filled in)
+    adapter/          the PEFT adapter (safetensors + adapter_config.json); model/ instead for a full fine-tune
+    recipe.yaml       the recipe as resolved (defaults filled in, data paths absolute)
     loss_log.jsonl    one line per step: step, loss, lr
-    metrics.json      held-out scores of the base model and of the tuned model (torch)
+    metrics.json      held-out scores of the base model and of the tuned model (torch, fp32 weights)
+
+A run writes a checkpoint every `train.checkpoint_every` steps beside its output (<out>.ckpt/); a run started
+again with the same inputs resumes from it, with the same losses as a run that was never interrupted.
+Under `--launcher deepspeed` the same function runs in every rank (see distributed.py); rank 0 writes.
 """
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import json
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -22,24 +27,22 @@ import yaml
 from tqdm.auto import tqdm
 
 from . import data as data_mod
+from . import distributed as dist_mod
+from . import methods
 from .catalog import load_recipe
 from .data import IGNORE
+from .errors import ToolchainError
 from .evaluate import score
 from .fsutil import atomic_dir
 from .hf import bf16_fast, collate, load_causal_lm, load_tokenizer
 from .sources import resolve
+from .train_state import Checkpoint
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _autocast(mode: str):
-    use = mode == "on" or (mode == "auto" and bf16_fast())
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if use else contextlib.nullcontext()
-    return ctx, use
 
 
 def _lr_at(step: int, spec) -> float:
@@ -50,7 +53,29 @@ def _lr_at(step: int, spec) -> float:
     return spec.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def causal_lm_loss(net, batch: dict) -> torch.Tensor:
+def step_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """The examples of optimizer step `step`: a fresh seeded permutation each epoch, read in order. A pure
+    function of the step, so a resumed run and each DeepSpeed rank see exactly what an uninterrupted run sees."""
+    out = []
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, i = divmod(pos, n)
+        perm = list(range(n))
+        random.Random(seed * 100_003 + epoch).shuffle(perm)
+        out.append(perm[i])
+    return out
+
+
+def micro_batches(indices: list[int], rank: int, world: int, accum: int) -> list[list[int]]:
+    """This rank's share of a step, cut into `accum` micro-batches."""
+    if len(indices) % (world * accum):
+        raise ToolchainError(f"recipe key 'train.batch_size': {len(indices)} examples per step do not split into "
+                             f"{world} rank(s) x {accum} micro-batch(es); make batch_size a multiple of {world * accum}")
+    mine = indices[rank::world]
+    k = len(mine) // accum
+    return [mine[i * k:(i + 1) * k] for i in range(accum)]
+
+
+def causal_lm_loss(net, batch: dict, reduction: str = "mean") -> torch.Tensor:
     """Next-token cross-entropy computed only where labels carry loss.
 
     Equal to the model's own loss, but the output projection runs on the few trained positions instead of every
@@ -61,76 +86,150 @@ def causal_lm_loss(net, batch: dict) -> torch.Tensor:
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE
     logits = base.get_output_embeddings()(hidden[:, :-1][keep]).float()
-    return torch.nn.functional.cross_entropy(logits, labels[keep])
+    return torch.nn.functional.cross_entropy(logits, labels[keep], reduction=reduction)
+
+
+def _trained_tokens(examples: list[dict]) -> int:
+    return sum(sum(1 for t in e["labels"][1:] if t != IGNORE) for e in examples)
+
+
+def _bf16_base(mode: str, method: str) -> bool:
+    if method in ("qlora", "full"):
+        return False  # qlora computes in its own compute dtype; a full fine-tune trains every weight in fp32
+    return mode == "on" or (mode == "auto" and bf16_fast())
 
 
 def finetune(model: str, recipe: str, out: Path, data: Optional[Path] = None, max_steps: Optional[int] = None,
-             model_path: Optional[str] = None, trust_remote_code: bool = False, evaluate: bool = True) -> dict:
-    """Train a LoRA adapter for `recipe` on `model`; returns the metrics written to out/metrics.json."""
-    from peft import LoraConfig, get_peft_model
+             model_path: Optional[str] = None, trust_remote_code: bool = False, evaluate: bool = True,
+             launcher: str = "none", nproc: int = 1, zero: int = 2, method: Optional[str] = None) -> dict:
+    """Train `recipe` on `model`; returns the metrics written to out/metrics.json.
 
+    launcher="deepspeed" starts `nproc` ranks running this same function under DeepSpeed ZeRO-`zero`."""
+    if launcher == "deepspeed" and not dist_mod.in_worker():
+        return dist_mod.launch(model=model, recipe=recipe, out=out, data=data, max_steps=max_steps,
+                               model_path=model_path, trust_remote_code=trust_remote_code, evaluate=evaluate,
+                               nproc=nproc, zero=zero, method=method)
+    rank, world = dist_mod.rank_world()
+    lead = rank == 0
     rec, rec_file = load_recipe(recipe)
     if max_steps:
         rec.train.max_steps = max_steps
+    if method:
+        rec.method.type = method
     src = resolve(model, model_path, trust_remote_code)
-    spec = rec.train
-    seed_everything(spec.seed)
+    spec, method = rec.train, rec.method
     tok = load_tokenizer(src.path, trust_remote_code)
     ds = data_mod.load(rec, rec_file, tok, Path(data) if data else None)
+    micro_batches(list(range(spec.batch_size)), 0, world, spec.grad_accum)  # fail fast on a bad split
+    bf16 = _bf16_base(spec.bf16, method.type) and world == 1  # ranks train an fp32 base: ZeRO flattens one dtype
+    out = Path(out)
+    ckpt = Checkpoint(out.parent / f"{out.name}.ckpt", _run_key(src, rec, ds, world, zero if world > 1 else None))
+    state = ckpt.load() if lead or world == 1 else None
+    results = state["results"] if state else {"model": src.card.name, "recipe": rec.name, "metric": rec.metric.name,
+                                              "method": method.type}
+    seed_everything(spec.seed)
     net = load_causal_lm(src.path, trust_remote_code)
-
-    results = {"model": src.card.name, "recipe": rec.name, "metric": rec.metric.name}
-    if evaluate:
+    if evaluate and lead and "base" not in results:
         results["base"] = score(net, tok, rec, ds, desc="base model eval")
-
-    targets = rec.method.target_modules or src.card.lora_target_modules or "all-linear"
-    targets = "all-linear" if targets == ["all-linear"] else targets
-    lcfg = LoraConfig(r=rec.method.r, lora_alpha=rec.method.alpha, lora_dropout=rec.method.dropout,
-                      target_modules=targets, task_type="CAUSAL_LM")
-    net = get_peft_model(net, lcfg)
+    if method.type == "qlora":
+        net = methods.load_nf4(src.path, method, trust_remote_code)
+    net = methods.trainable(net, method, src.card.lora_target_modules, bf16, spec.gradient_checkpointing)
     params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    autocast, used_bf16 = _autocast(spec.bf16)
-    rng = random.Random(spec.seed)
-    order: list[int] = []
-    log, t0, tokens = [], time.time(), 0
+    n_trainable = sum(p.numel() for p in params)
+    engine = dist_mod.wrap(net, spec, zero) if world > 1 else None
+    opt = engine.optimizer if engine else torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    start, log = 0, []
+    if state and world == 1:
+        start, log = ckpt.restore(state, net, opt)
+        print(f"resuming from the checkpoint at step {start} in {ckpt.folder}", flush=True)
+    precision = "nf4+" + method.compute_dtype if method.type == "qlora" else ("bf16 base" if bf16 else "fp32")
 
-    with atomic_dir(Path(out)) as tmp:
-        net.train()
-        bar = tqdm(range(spec.max_steps), desc=f"finetune {src.card.name} ({'bf16' if used_bf16 else 'fp32'})")
-        for step in bar:
-            if len(order) < spec.batch_size:  # reshuffle each epoch
-                more = list(range(len(ds.train)))
-                rng.shuffle(more)
-                order += more
-            batch = collate([ds.train[i] for i in order[: spec.batch_size]], tok.pad_token_id)
-            order = order[spec.batch_size:]
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(step, spec)
-            with autocast:
-                loss = causal_lm_loss(net, batch)
-            loss.backward()
+    net.train()
+    t0, cpu0, tokens = time.time(), time.process_time(), 0
+    bar = tqdm(range(start, spec.max_steps), desc=f"finetune {src.card.name} {method.type} ({precision})",
+               initial=start, total=spec.max_steps, disable=not lead)
+    for step in bar:
+        idx = step_indices(len(ds.train), spec.batch_size, spec.seed, step)
+        denom = _trained_tokens([ds.train[i] for i in idx])
+        lr = _lr_at(step, spec)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss_sum = 0.0
+        for mb in micro_batches(idx, rank, world, spec.grad_accum):
+            batch = collate([ds.train[i] for i in mb], tok.pad_token_id)
+            # summed token loss over the step's trained tokens: the same gradient however the batch is cut
+            loss = causal_lm_loss(net, batch, reduction="sum") / denom
+            if engine:
+                dist_mod.backward(engine, loss, world, spec.grad_accum)
+            else:
+                loss.backward()
+            loss_sum += loss.item()
+            tokens += int(batch["attention_mask"].sum())
+        if engine:
+            loss_sum = dist_mod.all_sum(loss_sum)
+        else:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            tokens += int(batch["attention_mask"].sum())
-            loss_v = loss.item()
-            log.append({"step": step + 1, "loss": round(loss_v, 5), "lr": opt.param_groups[0]["lr"]})
-            bar.set_postfix(loss=f"{loss_v:.3f}")
-        net.eval()
-        train_s = time.time() - t0
-        results["train"] = {"steps": spec.max_steps, "seconds": round(train_s, 1), "tokens_per_s": round(tokens / train_s, 1),
-                            "bf16_autocast": used_bf16, "final_loss": log[-1]["loss"],
-                            "trainable_params": sum(p.numel() for p in params)}
-        if evaluate:
-            results["tuned"] = score(net, tok, rec, ds, desc="tuned model eval")
-
-        net.save_pretrained(tmp / "adapter", safe_serialization=True)
-        tok.save_pretrained(tmp / "adapter")
+        log.append({"step": step + 1, "loss": round(loss_sum, 5), "lr": lr})
+        bar.set_postfix(loss=f"{loss_sum:.3f}")
+        if world == 1 and spec.checkpoint_every and (step + 1) % spec.checkpoint_every == 0 and step + 1 < spec.max_steps:
+            ckpt.save(step + 1, net, opt, log, results)
+    train_s, cpu_s = time.time() - t0, time.process_time() - cpu0
+    tokens = dist_mod.all_sum(tokens) if engine else tokens
+    net.eval()
+    trained = net
+    if engine:  # rank 0 goes on with a plain copy of the trained model; every rank takes part in the gather
+        state_dict = dist_mod.trained_state(engine)
+        if not lead:
+            dist_mod.barrier()
+            return {}
+        trained = _fresh(src, method, trust_remote_code, state_dict)
+    if bf16:
+        trained.to(torch.float32)  # score what the merge will build: fp32 base + adapter
+    results["train"] = {"steps": spec.max_steps, "resumed_from_step": start, "seconds": round(train_s, 1),
+                        "tokens_per_s": round(tokens / max(train_s, 1e-9), 1), "precision": precision,
+                        "ranks": world, "zero": zero if world > 1 else None, "grad_accum": spec.grad_accum,
+                        "final_loss": log[-1]["loss"], "trainable_params": n_trainable}
+    if world == 1:
+        results["train"]["cpu_seconds"] = round(cpu_s, 1)
+    if evaluate:
+        results["tuned"] = score(trained, tok, rec, ds, desc="tuned model eval")
+    with atomic_dir(out) as tmp:
+        folder = tmp / ("model" if method.type == "full" else "adapter")
+        trained.save_pretrained(folder, safe_serialization=True)
+        tok.save_pretrained(folder)
         resolved = rec.model_dump()
         resolved["model"] = src.card.name
+        resolved["data"]["train"] = str(Path(data).resolve() if data else (rec_file.parent / rec.data.train).resolve())
+        resolved["data"]["eval"] = str((rec_file.parent / rec.data.eval).resolve()) if rec.data.eval and not data else None
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
         (tmp / "loss_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
         results["base_model_path"] = str(src.path)
         (tmp / "metrics.json").write_text(json.dumps(results, indent=2))
+    shutil.rmtree(ckpt.folder, ignore_errors=True)
+    if engine:
+        dist_mod.barrier()
     return results
+
+
+def _fresh(src, method, trust_remote_code: bool, state_dict: dict):
+    """A single-process model of `method` holding trained weights (from the DeepSpeed ranks)."""
+    net = methods.load_nf4(src.path, method, trust_remote_code) if method.type == "qlora" else load_causal_lm(src.path, trust_remote_code)
+    net = methods.trainable(net, method, src.card.lora_target_modules, bf16_base=False, checkpointing=False)
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if n in state_dict:
+                p.copy_(state_dict.pop(n))
+    if state_dict:
+        raise ToolchainError(f"DeepSpeed returned weights the model does not have: {sorted(state_dict)[:3]}")
+    return net.eval()
+
+
+def _run_key(src, rec, ds, world: int, zero) -> str:
+    """What a checkpoint must match to be resumed: model weights, recipe, tokenized data, ranks."""
+    h = hashlib.sha256(json.dumps([src.card.name, str(src.path), rec.model_dump(), ds.train, world, zero],
+                                  sort_keys=True, default=str).encode())
+    for f in sorted(src.path.glob("*.safetensors")):
+        h.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
+    return h.hexdigest()[:16]

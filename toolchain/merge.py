@@ -1,8 +1,11 @@
-"""Stage 2: merge a LoRA adapter into the full-precision base and check the merge changed nothing.
+"""Stage 2: merge an adapter into the full-precision base and check the merge changed nothing.
 
 Writes an HF folder (safetensors, tokenizer, chat template, generation config) and merge_report.json with the
 max-abs logit difference between base+adapter and the merged model on a few prompts; above 1e-3 it fails and
-writes nothing.
+writes nothing. A QLoRA adapter was trained against the NF4 base but is merged into the fp32 base (merging into
+4-bit weights would round the adapter away); the report then also says how far the merged model's logits are
+from NF4 base + adapter and the held-out metric of each, so the user sees what merging cost. A full fine-tune
+has nothing to merge: its weights are copied and checked to load.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import yaml
 
 from .errors import ToolchainError
 from .fsutil import atomic_dir
@@ -26,10 +30,10 @@ PROMPTS = [
 
 
 def adapter_dir(path: Path) -> Path:
-    """Accept a finetune output folder (with adapter/ inside) or the adapter folder itself."""
+    """Accept a finetune output folder (with adapter/ or model/ inside) or the adapter folder itself."""
     path = Path(path)
-    for p in (path / "adapter", path):
-        if (p / "adapter_config.json").is_file():
+    for p in (path / "adapter", path / "model", path):
+        if (p / "adapter_config.json").is_file() or (p / "config.json").is_file():
             return p
     raise ToolchainError(f"{path}: no adapter_config.json here or in {path}/adapter; pass the folder `toolchain finetune` wrote")
 
@@ -49,20 +53,23 @@ def merge(model: str, adapter: Path, out: Path, model_path: Optional[str] = None
         raise ToolchainError(f"{src.path}/config.json: the base is quantized ({cfg['quantization_config'].get('quant_method')}); "
                              "merge into the full-precision base weights instead (a merge into a quantized base loses the adapter's precision)")
     tok = load_tokenizer(adir if (adir / "tokenizer_config.json").is_file() else src.path, trust_remote_code)
-    base = load_causal_lm(src.path, trust_remote_code)
-    peft_model = PeftModel.from_pretrained(base, adir)
-    peft_model.eval()
-
     texts = [user_prompt(tok, p) for p in PROMPTS]
     tok.padding_side = "right"
     batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    before = _logits(peft_model, batch)
-    merged = peft_model.merge_and_unload()
-    after = _logits(merged, batch)
     mask = batch["attention_mask"].bool()
-    diff = float((before - after).abs()[mask].max())
+    if not (adir / "adapter_config.json").is_file():  # a full fine-tune: the weights are the model
+        merged, before = load_causal_lm(adir, trust_remote_code), None
+    else:
+        peft_model = PeftModel.from_pretrained(load_causal_lm(src.path, trust_remote_code), adir)
+        peft_model.eval()
+        before = _logits(peft_model, batch)
+        merged = peft_model.merge_and_unload()
+    after = _logits(merged, batch)
+    diff = float((before - after).abs()[mask].max()) if before is not None else 0.0
     report = {"model": src.card.name, "adapter": str(adir), "max_abs_logit_diff": diff, "tolerance": TOLERANCE,
               "prompts": len(PROMPTS), "passed": diff <= TOLERANCE}
+    if _method(adir) == "qlora":
+        report["qlora"] = qlora_merge_cost(src, adir, tok, merged, batch, trust_remote_code)
     if diff > TOLERANCE:
         raise ToolchainError(f"merge parity failed: max |logit diff| {diff:.2e} > {TOLERANCE:.0e} between base+adapter "
                              f"and the merged model; nothing written to {out}")
@@ -71,3 +78,34 @@ def merge(model: str, adapter: Path, out: Path, model_path: Optional[str] = None
         tok.save_pretrained(tmp)
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _method(adir: Path) -> Optional[str]:
+    f = adir.parent / "recipe.yaml"
+    return yaml.safe_load(f.read_text())["method"]["type"] if f.is_file() else None
+
+
+def qlora_merge_cost(src, adir: Path, tok, merged, batch, trust_remote_code: bool) -> dict:
+    """How far the merged fp32 model is from what was trained (NF4 base + adapter): logits on the parity prompts,
+    and the recipe's held-out metric of each."""
+    from peft import PeftModel
+
+    from . import data as data_mod
+    from .evaluate import score
+    from .methods import load_nf4
+    from .schema import Recipe
+
+    rec = Recipe.model_validate(yaml.safe_load((adir.parent / "recipe.yaml").read_text()))
+    nf4 = PeftModel.from_pretrained(load_nf4(src.path, rec.method, trust_remote_code), adir)
+    nf4.eval()
+    a, b = _logits(nf4, batch), _logits(merged, batch)
+    mask = batch["attention_mask"].bool()
+    ds = data_mod.load(rec, adir.parent / "recipe.yaml", tok)
+    s_nf4, s_merged = score(nf4, tok, rec, ds, desc="NF4 base + adapter"), score(merged, tok, rec, ds, desc="merged fp32")
+    keep = ("perplexity", rec.metric.name)
+    return {"merged_into": "fp32 base (not the NF4 weights the adapter was trained on)",
+            "max_abs_logit_diff_vs_nf4_plus_adapter": float((a - b).abs()[mask].max()),
+            "mean_abs_logit_diff_vs_nf4_plus_adapter": float((a - b).abs()[mask].mean()),
+            "top1_agreement_vs_nf4_plus_adapter": float((a.argmax(-1) == b.argmax(-1))[mask].float().mean()),
+            "nf4_plus_adapter": {k: s_nf4[k] for k in keep if k in s_nf4},
+            "merged_fp32": {k: s_merged[k] for k in keep if k in s_merged}}

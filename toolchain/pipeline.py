@@ -55,7 +55,7 @@ def _files_hash(paths: list[Path]) -> str:
 
 def edge(model: Optional[str], recipe: str, target: str = "cpu-int4", out: Path = Path("artifacts"),
          exporter: Optional[str] = None, max_steps: Optional[int] = None, model_path: Optional[str] = None,
-         trust_remote_code: bool = False, force: bool = False) -> dict:
+         trust_remote_code: bool = False, force: bool = False, launch: Optional[dict] = None) -> dict:
     """Run every stage for one model, recipe and target; returns the validation report plus headline figures."""
     from .export import export
     from .finetune import finetune
@@ -75,8 +75,11 @@ def edge(model: Optional[str], recipe: str, target: str = "cpu-int4", out: Path 
     data_files = [rec_file.parent / f for f in (rec.data.train, rec.data.eval) if f]
     ft_in = {"model": name, "weights": _files_hash(weights), "recipe": rec.model_dump(include={"data", "method", "train", "metric"}),
              "data": _files_hash(data_files), "max_steps": max_steps}
+    launch = launch or {}
+    if launch.get("launcher", "none") != "none" or launch.get("method"):
+        ft_in["launch"] = launch
     ft_dir, ft_key, ft = st.run("finetune", ft_in, lambda o: finetune(model, recipe, o, max_steps=max_steps,
-                                model_path=model_path, trust_remote_code=trust_remote_code))
+                                model_path=model_path, trust_remote_code=trust_remote_code, **launch))
     mg_dir, mg_key, _ = st.run("merged", {"finetune": ft_key}, lambda o: merge(model, ft_dir, o, model_path=model_path,
                                trust_remote_code=trust_remote_code))
     exporter = exporter or src.card.exporter

@@ -68,21 +68,32 @@ class DataSpec(Strict):
 
 
 class MethodSpec(Strict):
-    type: Literal["lora"] = "lora"
+    """What is trained. lora: low-rank adapters on the fp32 base. qlora: the same on a bitsandbytes NF4 base
+    (merged later into the full-precision base). dora: weight-decomposed LoRA. rslora: LoRA scaled by
+    alpha/sqrt(r), steadier at high rank. full: every weight (small models only)."""
+
+    type: Literal["lora", "qlora", "dora", "rslora", "full"] = "lora"
     r: int = Field(16, gt=0)
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: Optional[list[str]] = None  # default: the model card's lora_target_modules
+    # qlora only: the 4-bit base
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"
 
 
 class TrainSpec(Strict):
     max_steps: int = Field(100, gt=0)
-    batch_size: int = Field(8, gt=0)
+    batch_size: int = Field(8, gt=0)  # examples per optimizer step, over all micro-batches and ranks
+    grad_accum: int = Field(1, gt=0)  # micro-batches per step (per rank); batch_size must divide evenly
     lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(5, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     seed: int = 0
-    bf16: Literal["auto", "on", "off"] = "auto"  # bf16 autocast: auto = where it is faster (AMX CPUs)
+    bf16: Literal["auto", "on", "off"] = "auto"  # bf16 frozen base weights; auto = where the CPU computes bf16
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    checkpoint_every: int = Field(10, ge=0)  # steps between resumable checkpoints; 0 = none
 
 
 class MetricSpec(Strict):

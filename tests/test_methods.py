@@ -1,0 +1,137 @@
+"""PEFT methods, the fast path, gradient accumulation, resume after a kill, and DeepSpeed ZeRO with 2 CPU ranks,
+all on the tiny random Phi-3."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, tiny_recipe_file
+from toolchain.errors import ToolchainError
+from toolchain.finetune import finetune, micro_batches, step_indices
+from toolchain.hf import load_causal_lm
+from toolchain.merge import merge
+
+NO_DROPOUT = {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0}
+
+
+def _losses(folder):
+    return [json.loads(x)["loss"] for x in (folder / "loss_log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", ["dora", "rslora", "full", "qlora"])
+def test_each_method_trains_and_merges(method, tiny_phi3, tmp_path):
+    rec = tiny_recipe_file(tmp_path, method={**NO_DROPOUT, "type": method})
+    ft = tmp_path / "ft"
+    res = finetune(str(tiny_phi3), str(rec), ft, evaluate=method == "qlora")
+    losses = _losses(ft)
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    if method == "full":
+        assert (ft / "model/model.safetensors").is_file() and not (ft / "adapter").exists()
+        assert res["train"]["trainable_params"] == sum(p.numel() for p in load_causal_lm(tiny_phi3).parameters())
+    else:
+        cfg = json.loads((ft / "adapter/adapter_config.json").read_text())
+        assert cfg["use_dora"] == (method == "dora") and cfg["use_rslora"] == (method == "rslora")
+    assert res["train"]["precision"] == ("nf4+bfloat16" if method == "qlora" else "fp32")
+
+    rep = merge(str(tiny_phi3), ft, tmp_path / "merged")
+    assert rep["passed"]
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert not torch.allclose(load_causal_lm(tiny_phi3)(ids).logits, load_causal_lm(tmp_path / "merged")(ids).logits)
+    if method == "qlora":  # merged into the fp32 base, and the report says what that cost
+        q = rep["qlora"]
+        assert 0 < q["max_abs_logit_diff_vs_nf4_plus_adapter"] < 1.0
+        assert 0.5 <= q["top1_agreement_vs_nf4_plus_adapter"] <= 1.0
+        assert q["nf4_plus_adapter"]["perplexity"] == pytest.approx(res["tuned"]["perplexity"], rel=1e-4)
+        assert q["merged_fp32"]["perplexity"] > 1
+
+
+def test_bf16_base_trains_fp32_adapters_and_tracks_fp32(tiny_phi3, tmp_path):
+    fp32 = finetune(str(tiny_phi3), str(tiny_recipe_file(tmp_path, method=NO_DROPOUT)), tmp_path / "a", evaluate=False)
+    rec = tiny_recipe_file(tmp_path, method=NO_DROPOUT,
+                           train={"max_steps": 4, "batch_size": 4, "lr": 2e-3, "warmup_steps": 5, "bf16": "on"})
+    bf16 = finetune(str(tiny_phi3), str(rec), tmp_path / "b", evaluate=False)
+    assert bf16["train"]["precision"] == "bf16 base"
+    assert {t.dtype for t in load_file(tmp_path / "b/adapter/adapter_model.safetensors").values()} == {torch.float32}
+    a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert max(abs(x - y) for x, y in zip(a, b)) < 0.02  # bf16 rounding, not a different run
+
+
+def test_gradient_accumulation_gives_the_same_steps(tiny_phi3, tmp_path):
+    runs = {}
+    for accum in (1, 2, 4):
+        rec = tiny_recipe_file(tmp_path, method=NO_DROPOUT, train={"max_steps": 3, "batch_size": 4, "grad_accum": accum,
+                                                                     "lr": 2e-3, "warmup_steps": 1})
+        finetune(str(tiny_phi3), str(rec), tmp_path / f"acc{accum}", evaluate=False)
+        runs[accum] = _losses(tmp_path / f"acc{accum}")
+    assert runs[1] == pytest.approx(runs[2], abs=1e-4) and runs[1] == pytest.approx(runs[4], abs=1e-4)
+
+    with pytest.raises(ToolchainError, match="train.batch_size.*multiple of 6"):
+        micro_batches(list(range(8)), 0, 2, 3)
+    assert step_indices(10, 4, 0, 2) == step_indices(10, 4, 0, 2) and sorted(step_indices(10, 5, 0, 0) +
+                                                                             step_indices(10, 5, 0, 1)) == list(range(10))
+
+
+def test_a_killed_run_resumes_from_its_checkpoint(tiny_phi3, tmp_path):
+    train = {"max_steps": 40, "batch_size": 4, "lr": 2e-3, "warmup_steps": 2, "checkpoint_every": 5}
+    rec = tiny_recipe_file(tmp_path, method=NO_DROPOUT, train=train)
+    whole = finetune(str(tiny_phi3), str(rec), tmp_path / "whole", evaluate=False)
+
+    out = tmp_path / "ft"
+    cmd = [sys.executable, "-m", "toolchain", "finetune", "--model", str(tiny_phi3), "--recipe", str(rec),
+           "--out", str(out), "--no-eval"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    state = tmp_path / "ft.ckpt/state.json"
+    deadline = time.time() + 300
+    while not state.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert state.is_file() and not out.exists(), "the run should have died after a checkpoint, before the end"
+    done = json.loads(state.read_text())["step"]
+
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resuming from the checkpoint at step {done}" in r.stdout
+    res = json.loads((out / "metrics.json").read_text())
+    assert res["train"]["resumed_from_step"] == done > 0
+    assert _losses(out) == pytest.approx(_losses(tmp_path / "whole"), abs=1e-5)  # as if never interrupted
+    assert res["train"]["final_loss"] == pytest.approx(whole["train"]["final_loss"], abs=1e-5)
+    assert not (tmp_path / "ft.ckpt").exists()  # a finished run leaves no checkpoint behind
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_deepspeed_two_cpu_ranks_match_one_process(zero, tiny_phi3, tmp_path):
+    pytest.importorskip("deepspeed")
+    rec = tiny_recipe_file(tmp_path, method=NO_DROPOUT)
+    single = finetune(str(tiny_phi3), str(rec), tmp_path / "one", evaluate=False)
+    r = subprocess.run([sys.executable, "-m", "toolchain", "finetune", "--model", str(tiny_phi3), "--recipe", str(rec),
+                        "--out", str(tmp_path / "ds"), "--no-eval", "--launcher", "deepspeed", "--nproc", "2",
+                        "--zero", str(zero)], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "ds/metrics.json").read_text())
+    assert res["train"]["ranks"] == 2 and res["train"]["zero"] == zero
+    assert _losses(tmp_path / "ds") == pytest.approx(_losses(tmp_path / "one"), abs=1e-4)
+    a = load_file(tmp_path / "ds/adapter/adapter_model.safetensors")
+    b = load_file(tmp_path / "one/adapter/adapter_model.safetensors")
+    assert sorted(a) == sorted(b) and all(a[k].shape == b[k].shape for k in a)  # ZeRO-3 partitions were gathered
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+    cfg = lambda d: {k: v for k, v in json.loads((d / "adapter/adapter_config.json").read_text()).items() if k != "target_modules"}  # noqa: E731
+    assert cfg(tmp_path / "ds") == cfg(tmp_path / "one")
+    assert single["train"]["ranks"] == 1
+
+
+def test_deepspeed_errors_are_clear(tiny_phi3, tmp_path):
+    rec = tiny_recipe_file(tmp_path, method=NO_DROPOUT, train={"max_steps": 2, "batch_size": 3})
+    with pytest.raises(ToolchainError, match="multiple of 2"):
+        finetune(str(tiny_phi3), str(rec), tmp_path / "x", launcher="deepspeed", nproc=2, zero=2)
+    with pytest.raises(ToolchainError, match="--zero 1"):
+        finetune(str(tiny_phi3), str(tiny_recipe_file(tmp_path)), tmp_path / "x", launcher="deepspeed", nproc=2, zero=1)
+    assert not (tmp_path / "x").exists()

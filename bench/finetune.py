@@ -31,8 +31,8 @@ CONFIGS = {
     "trainer-fp32 (baseline)": None,
     "lora-fp32": {"train": {"bf16": "off"}},
     # the fast path on this CPU: packed sequences (no padding) and loss on the trained positions only;
-    # 2 blocks of up to 512 tokens hold about as many examples as the baseline's 8
-    "lora-fast (packed)": {"train": {"bf16": "auto", "batch_size": 2}, "data": {"packing": True, "max_length": 512}},
+    # 4 blocks of up to 256 tokens hold about as many examples as the baseline's 8
+    "lora-fast (packed)": {"train": {"bf16": "auto", "batch_size": 4}, "data": {"packing": True, "max_length": 256}},
     "lora-bf16-base": {"train": {"bf16": "on"}},
     "qlora": {"method": {"type": "qlora"}},
     "dora": {"method": {"type": "dora"}},

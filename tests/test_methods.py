@@ -109,7 +109,6 @@ def test_a_killed_run_resumes_from_its_checkpoint(tiny_phi3, tmp_path):
 
 @pytest.mark.parametrize("zero", [2, 3])
 def test_deepspeed_two_cpu_ranks_match_one_process(zero, tiny_phi3, tmp_path):
-    pytest.importorskip("deepspeed")
     rec = tiny_recipe_file(tmp_path, method=NO_DROPOUT)
     single = finetune(str(tiny_phi3), str(rec), tmp_path / "one", evaluate=False)
     r = subprocess.run([sys.executable, "-m", "toolchain", "finetune", "--model", str(tiny_phi3), "--recipe", str(rec),
@@ -135,3 +134,17 @@ def test_deepspeed_errors_are_clear(tiny_phi3, tmp_path):
     with pytest.raises(ToolchainError, match="--zero 1"):
         finetune(str(tiny_phi3), str(tiny_recipe_file(tmp_path)), tmp_path / "x", launcher="deepspeed", nproc=2, zero=1)
     assert not (tmp_path / "x").exists()
+
+
+def test_base_scores_are_computed_once_per_model_and_eval_split(tiny_phi3, tmp_path, monkeypatch):
+    import toolchain.finetune as ft
+
+    calls = []
+    real = ft.score
+    monkeypatch.setattr(ft, "score", lambda *a, **k: calls.append(k.get("desc")) or real(*a, **k))
+    monkeypatch.setenv("TOOLCHAIN_HOME", str(tmp_path / "home"))
+    rec = tiny_recipe_file(tmp_path, train={"max_steps": 1, "batch_size": 4})
+    a = finetune(str(tiny_phi3), str(rec), tmp_path / "a")
+    b = finetune(str(tiny_phi3), str(rec), tmp_path / "b", method="rslora")
+    assert calls == ["base model eval", "tuned model eval", "tuned model eval"]
+    assert a["base"] == b["base"] and b["method"] == "rslora"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 from . import data as data_mod
 from . import distributed as dist_mod
 from . import methods
-from .catalog import load_recipe
+from .catalog import home, load_recipe
 from .data import IGNORE
 from .errors import ToolchainError
 from .evaluate import score
@@ -130,7 +131,7 @@ def finetune(model: str, recipe: str, out: Path, data: Optional[Path] = None, ma
     seed_everything(spec.seed)
     net = load_causal_lm(src.path, trust_remote_code)
     if evaluate and lead and "base" not in results:
-        results["base"] = score(net, tok, rec, ds, desc="base model eval")
+        results["base"] = _base_score(net, tok, rec, ds, src)
     if method.type == "qlora":
         net = methods.load_nf4(src.path, method, trust_remote_code)
     net = methods.trainable(net, method, src.card.lora_target_modules, bf16, spec.gradient_checkpointing)
@@ -224,6 +225,25 @@ def _fresh(src, method, trust_remote_code: bool, state_dict: dict):
     if state_dict:
         raise ToolchainError(f"DeepSpeed returned weights the model does not have: {sorted(state_dict)[:3]}")
     return net.eval()
+
+
+def _base_score(net, tok, rec, ds, src) -> dict:
+    """The base model's held-out scores, cached by what they depend on (weights, tokenized eval split, metric):
+    every method and run of a recipe shares them."""
+    h = hashlib.sha256(json.dumps([ds.eval, [r.model_dump() for r in ds.eval_rows], rec.metric.model_dump()],
+                                  sort_keys=True).encode())
+    for f in sorted(src.path.glob("*.safetensors")):
+        h.update(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
+    cache = home() / "evals" / f"base-{h.hexdigest()[:16]}.json"
+    if cache.is_file():
+        print(f"base model scores: cached in {cache}", flush=True)
+        return json.loads(cache.read_text())
+    scores = score(net, tok, rec, ds, desc="base model eval")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(scores))
+    os.replace(tmp, cache)
+    return scores
 
 
 def _run_key(src, rec, ds, world: int, zero) -> str:

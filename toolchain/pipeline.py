@@ -66,6 +66,9 @@ def edge(model: Optional[str], recipe: str, target: str = "cpu-int4", out: Path 
     from .report import write_reports
 
     rec, rec_file = load_recipe(recipe)
+    launch = dict(launch or {})
+    if launch.get("method"):
+        rec.method.type = launch["method"]  # a --method override shows in the stage keys and the manifest
     model = model or rec.model
     src = resolve(model, model_path, trust_remote_code)  # fails fast, before any work
     name = src.card.name
@@ -75,8 +78,7 @@ def edge(model: Optional[str], recipe: str, target: str = "cpu-int4", out: Path 
     data_files = [rec_file.parent / f for f in (rec.data.train, rec.data.eval) if f]
     ft_in = {"model": name, "weights": _files_hash(weights), "recipe": rec.model_dump(include={"data", "method", "train", "metric"}),
              "data": _files_hash(data_files), "max_steps": max_steps}
-    launch = launch or {}
-    if launch.get("launcher", "none") != "none" or launch.get("method"):
+    if launch.get("launcher", "none") != "none":
         ft_in["launch"] = launch
     ft_dir, ft_key, ft = st.run("finetune", ft_in, lambda o: finetune(model, recipe, o, max_steps=max_steps,
                                 model_path=model_path, trust_remote_code=trust_remote_code, **launch))

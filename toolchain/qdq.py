@@ -32,6 +32,7 @@ MODEL = "model.onnx"
 CALIB_SAMPLES = 16
 ACTIVATIONS = "QUInt16"  # measured on SmolLM2 chat-lora: see README (uint8 activations lose the task)
 WEIGHTS = "QUInt8"
+PER_CHANNEL_MATMUL = True  # MatMul weights: symmetric int8 per output channel (axis 1) instead of one uint8 scale
 NOT_DONE = [
     "static-shape form for QNN context binaries (fixed prompt length and KV window, split prefill/decode graphs): "
     "not built; onnxruntime-genai runs this model with a dynamic KV cache",
@@ -82,6 +83,18 @@ def _inputs(model_file: Path) -> dict:
     return {i.name: helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) for i in m.graph.input}
 
 
+def _per_channel_matmul(model_file: Path) -> dict:
+    """Tensor overrides: each MatMul weight [in, out] quantized per output channel, symmetric int8 (what QNN's
+    HTP takes for per-channel weights)."""
+    import onnx
+    from onnxruntime.quantization import QuantType
+
+    m = onnx.load(str(model_file), load_external_data=False)
+    inits = {i.name for i in m.graph.initializer}
+    return {n.input[1]: [{"axis": 1, "quant_type": QuantType.QInt8, "symmetric": True}]
+            for n in m.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
+
+
 def quantize_qdq(export_dir: Path, calib_seqs: list[list[int]], out: Path) -> dict:
     """Write the npu-qdq folder (model + everything else of the export); returns what was done."""
     from onnxruntime.quantization import QuantType, quantize
@@ -103,8 +116,9 @@ def quantize_qdq(export_dir: Path, calib_seqs: list[list[int]], out: Path) -> di
                                                all_tensors_to_one_file=True,
                                                external_data_location="preprocessed.onnx.data") else src
         reader = _Reader(calib_seqs, _inputs(model_in), dec["num_key_value_heads"], dec["head_size"])
+        overrides = _per_channel_matmul(model_in) if PER_CHANNEL_MATMUL else None
         cfg = get_qnn_qdq_config(str(model_in), reader, activation_type=getattr(QuantType, ACTIVATIONS),
-                                 weight_type=getattr(QuantType, WEIGHTS), stride=4)
+                                 weight_type=getattr(QuantType, WEIGHTS), init_overrides=overrides, stride=4)
         cfg.use_external_data_format = True
         reader.rewind()
         quantize(str(model_in), str(tmp / MODEL), cfg)
@@ -117,12 +131,17 @@ def quantize_qdq(export_dir: Path, calib_seqs: list[list[int]], out: Path) -> di
 
         q = onnx.load(str(tmp / MODEL), load_external_data=False)
         ops = Counter(n.op_type for n in q.graph.node)
-        float_ops = sorted({n.op_type for n in q.graph.node} - {"QuantizeLinear", "DequantizeLinear"})
+        dq_out = {o for n in q.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+        compute = [n for n in q.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear", "Constant")]
+        fed = Counter(n.op_type for n in compute if any(i in dq_out for i in n.input))
+        left = Counter(n.op_type for n in compute if not any(i in dq_out for i in n.input))
         report = {"target": "npu-qdq", "activations": ACTIVATIONS.lower(), "weights": WEIGHTS.lower(),
+                  "matmul_weights": "int8 symmetric per output channel" if PER_CHANNEL_MATMUL else WEIGHTS.lower(),
                   "calibration": {"method": "MinMax", "samples": len(calib_seqs), "source": "recipe train split",
                                   "tokens": int(sum(len(s) for s in calib_seqs)), "pass": "prefill, empty KV cache"},
                   "preprocessed": model_in == pre, "quantize_linear": ops["QuantizeLinear"],
-                  "dequantize_linear": ops["DequantizeLinear"], "ops_between_qdq": float_ops, "not_done": NOT_DONE,
+                  "dequantize_linear": ops["DequantizeLinear"], "ops_with_qdq_inputs": dict(fed),
+                  "ops_without_qdq_inputs": dict(left), "not_done": NOT_DONE,
                   "seconds": round(time.time() - t0, 1),
                   "size_mb": round(sum(p.stat().st_size for p in tmp.glob(MODEL + "*")) / 1e6, 1)}
         (tmp / "quantize_report.json").write_text(json.dumps(report, indent=2))

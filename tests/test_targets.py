@@ -124,3 +124,17 @@ def test_auto_end_to_end_small(tiny, tiny_phi3, monkeypatch):
     monkeypatch.setattr(pipeline, "validate_artifact", lambda *a, **k: pytest.fail("re-validated an unchanged artifact"))
     again = pipeline.edge(str(tiny_phi3), str(rec), target="auto", out=out)
     assert again["pick"] == rep["pick"]
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the missing-EP path")
+@pytest.mark.parametrize("target,provider", [("cuda-fp16", "cuda"), ("dml-int4", "dml"), ("webgpu-int4", "webgpu")])
+def test_other_builder_targets_name_their_ep(tiny, tiny_phi3, target, provider):
+    out, rec = tiny
+    r = pipeline.prepare(str(tiny_phi3), str(rec), out)
+    art = pipeline.build_target(r, target)
+    man = json.loads((art / "manifest.json").read_text())["target"]
+    so = json.loads((art / "genai_config.json").read_text())["model"]["decoder"]["session_options"]
+    assert man["provider"] == provider and list(so["provider_options"][0]) == [provider]
+    assert so["provider_options"][0][provider] == man["provider_options"] and man["precision"] in so["log_id"]
+    rep = validate(art)
+    assert rep["status"] == "not_validated" and not rep["passed"] and man["ep"] in rep["reason"]

@@ -2,7 +2,9 @@
 
     toolchain validate artifacts/smollm2-135m-chat-lora/cpu-int4 [--data eval.jsonl] [--json]
 
-1. Every file against the manifest's sha256.
+1. Every file against the manifest's sha256. The EP is the manifest's: where this host lacks it, the report says
+   "built, not validated on this host: <EP> unavailable" (status not_validated, never passed; the CLI exits 3),
+   except for a QDQ model, whose accuracy is checked on the CPU EP.
 2. Latency: a warm-up, then repeated greedy runs of a fixed number of new tokens on a held-out prompt:
    TTFT p50/p95, prefill tok/s, decode tok/s p50, peak RSS, size on disk.
 3. Accuracy on the held-out split shipped in the artifact (eval.jsonl, tokenized at packaging time with the same

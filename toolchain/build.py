@@ -20,8 +20,9 @@ from .fsutil import atomic_dir
 from .targets import get
 
 MODEL = "model.onnx"
-# measured: the builder's asymmetric int4 with a tied embedding does not load in onnxruntime-genai 0.15.2, so the
-# builder's own default (symmetric) is kept explicit
+# Measured on SmolLM2 (tied embedding), builder int4 for the CPU EP, onnxruntime-genai 0.15.2: is_symmetric=true loads
+# and generates; is_symmetric=false fails to load ("Type (tensor(uint8)) of output arg (/model/embed_tokens/Reshape/
+# output_0) ... does not match expected type (tensor(float))"). So symmetric is kept explicit for every builder int4.
 BUILDER_OPTIONS = {"int4": ("is_symmetric=true", "block_size=32"), "fp16": ()}
 
 

@@ -121,9 +121,24 @@ def test_auto_end_to_end_small(tiny, tiny_phi3, monkeypatch):
     assert (folder / "frontier.png").stat().st_size > 1000 and "**Pick:**" in (folder / "auto_report.md").read_text()
     head8 = json.loads((folder / "int4-rtn-b32-asym-head8" / "manifest.json").read_text())["target"]
     assert head8["variant_of"] == "cpu-int4" and head8["quantize"]["lm_head_bits"] == 8
+    real = pipeline.validate_artifact
     monkeypatch.setattr(pipeline, "validate_artifact", lambda *a, **k: pytest.fail("re-validated an unchanged artifact"))
     again = pipeline.edge(str(tiny_phi3), str(rec), target="auto", out=out)
     assert again["pick"] == rep["pick"]
+    # a gate no variant can meet: the artifacts are repackaged with the new recipe, re-validated, and none is picked
+    import yaml
+
+    original = rec.read_text()
+    y = yaml.safe_load(original)
+    y["gates"]["min_decode_tok_s"] = 1e9
+    rec.write_text(yaml.safe_dump(y))
+    monkeypatch.setattr(pipeline, "validate_artifact", real)
+    try:
+        none = pipeline.edge(str(tiny_phi3), str(rec), target="auto", out=out)
+    finally:
+        rec.write_text(original)
+    assert none["pick"] is None and not none["passed"]
+    assert all(r["missed"] == ["min_decode_tok_s"] for r in none["rejected"]) and len(none["rejected"]) == 2
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the missing-EP path")

@@ -122,9 +122,12 @@ def frontier_plot(out: dict, path: Path) -> None:
                 front.append(c)
                 best = c[metric]
         ax.plot([c[key] for c in front], [c[metric] for c in front], color="#888888", lw=1, zorder=0)
+        frac, tuned = out["gates_spec"].get("min_metric_fraction"), out["reference"].get("torch_tuned", {}).get(metric)
+        if frac and tuned:  # the accuracy budget as a line
+            ax.axhline(frac * tuned, color="#c0392b", ls="--", lw=1)
         ax.set_xlabel(label)
         ax.set_ylabel(metric)
-    fig.suptitle("auto: star = pick, x = misses a gate, line = frontier")
+    fig.suptitle("auto: star = pick, x = misses a gate, grey line = frontier, dashed = metric gate")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -87,6 +87,19 @@ def _print_scores(res: dict) -> None:
 
 
 @cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def targets(as_json):
+    """List the targets: EP, precision, which exporter builds it, and whether this host can validate it."""
+    from .targets import listing
+
+    rows = listing()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        _table("targets (toolchain/targets.py)", ["target", "ep", "precision", "built_by", "validate_here"], rows)
+
+
+@cli.command()
 @model_opt
 @click.option("--recipe", required=True, help="A recipe name (toolchain recipes) or a path to a recipe YAML.")
 @click.option("--data", type=click.Path(), default=None, help="Train on this JSONL instead of the recipe's data.")
@@ -129,7 +142,8 @@ def merge(model, adapter, out, model_path, trust_remote_code):
 @cli.command()
 @click.option("--model", default=None, help="A model card name or local folder (default: the recipe's model).")
 @click.option("--recipe", default="chat-lora", show_default=True)
-@click.option("--target", default="cpu-int4", show_default=True, help="cpu-int4, cpu-int8 or cpu-fp32.")
+@click.option("--target", default="cpu-int4", show_default=True,
+              help="A target from `toolchain targets`, or auto: the smallest, then fastest, variant meeting every gate.")
 @click.option("--exporter", type=click.Choice(["genai", "optimum"]), default=None, help="Default: the model card's.")
 @click.option("--out", default="artifacts", show_default=True, type=click.Path())
 @click.option("--max-steps", type=int, default=None, help="Override the recipe's train.max_steps.")
@@ -144,16 +158,45 @@ def edge(model, recipe, target, exporter, out, max_steps, force, method, launche
     rep = run(model, recipe, target=target, out=Path(out), exporter=exporter, max_steps=max_steps,
               model_path=model_path, trust_remote_code=trust_remote_code, force=force,
               launch={**_launch(launcher, nproc, zero), **({"method": method} if method else {})})
+    if target == "auto":
+        return _auto_exit(rep)
     h = rep["headline"]
     console.print(f"[bold green]artifact:[/bold green] {h['artifact']}  (report: {h['artifact']}/report.md)")
-    console.print(f"  decode {h['decode_tok_s']:.1f} tok/s   size {h['size_mb']:.1f} MB vs fp32 {h['fp32_size_mb']:.1f} MB "
-                  f"({h['fp32_size_mb'] / h['size_mb']:.1f}x smaller)   Δperplexity vs fp32 {h['delta_perplexity_vs_fp32_pct']:+.2f}%")
-    console.print(f"  {h['metric']}: base torch {h['base_torch']:.3f}   tuned torch {h['tuned_torch']:.3f}   "
-                  f"{rep['target']} {h['artifact_metric']:.3f}")
+    if rep["validated"]:
+        console.print(f"  decode {h['decode_tok_s']:.1f} tok/s   size {h['size_mb']:.1f} MB vs fp32 {h['fp32_size_mb']:.1f} MB "
+                      f"({h['fp32_size_mb'] / h['size_mb']:.1f}x smaller)   Δperplexity vs fp32 {h['delta_perplexity_vs_fp32_pct']:+.2f}%")
+        console.print(f"  {h['metric']}: base torch {h['base_torch']:.3f}   tuned torch {h['tuned_torch']:.3f}   "
+                      f"{rep['target']} {h['artifact_metric']:.3f}")
+    else:
+        console.print(f"  size {h['size_mb']:.1f} MB vs fp32 {h['fp32_size_mb']:.1f} MB")
     _gates_exit(rep)
 
 
+def _auto_exit(rep: dict) -> None:
+    m = rep["metric"]
+    rejected = {r["name"]: r["why"] for r in rep["rejected"]}
+    for c in sorted(rep["candidates"], key=lambda c: c["size_mb"] or 0):
+        res = "[green]PICK[/green]" if c["name"] == rep["pick"] else (f"[red]rejected[/red]: {rejected[c['name']]}"
+                                                                     if c["name"] in rejected else "meets every gate")
+        console.print(f"  {c['name']:24s} {c['size_mb']:7.1f} MB  {c['decode_tok_s'] or 0:6.1f} tok/s  "
+                      f"{m} {c.get(m) if c.get(m) is not None else float('nan'):.3f}  {res}")
+    console.print(f"[bold]auto:[/bold] {rep['reason']}")
+    if rep["pick"]:
+        console.print(f"[bold green]artifact:[/bold green] {rep['artifact']}  (report: {Path(rep['artifact']).parent}/auto_report.md)")
+    else:
+        click.echo("error: no variant meets every gate of the recipe", err=True)
+        sys.exit(1)
+
+
+NOT_VALIDATED_EXIT = 3  # built, but this host lacks the EP: not a pass (0) and not a missed gate (1)
+
+
 def _gates_exit(rep: dict, out: Console = console) -> None:
+    if not rep["validated"]:
+        click.echo(rep["reason"], err=True)
+        sys.exit(NOT_VALIDATED_EXIT)
+    if rep.get("note"):
+        out.print(f"  note: {rep['note']}" + "".join(f"; gate {g} not applied" for g in rep.get("gates_not_applicable", [])))
     for g in rep["gates"]:
         out.print(f"  gate {g['gate']}: {g['value']:.3f} (limit {g['limit']}) {'ok' if g['passed'] else '[red]MISSED[/red]'}")
     if not rep["passed"]:
@@ -167,7 +210,9 @@ def _gates_exit(rep: dict, out: Console = console) -> None:
 @click.option("--data", type=click.Path(), default=None, help="Score this JSONL instead of the shipped eval split.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def validate(artifact, data, as_json):
-    """Check an artifact on this machine (torch-free): integrity, latency, accuracy, gates."""
+    """Check an artifact on this machine (torch-free): integrity, latency, accuracy, gates.
+
+    Exit 0: gates passed; 1: a gate missed; 2: bad input; 3: built, not validated here (the EP is missing)."""
     from .runtime.validate import validate as run
 
     with err_console.status("validating (latency runs, then held-out accuracy)") as status:
@@ -176,7 +221,7 @@ def validate(artifact, data, as_json):
     (Path(artifact) / "report.json").write_text(json.dumps(rep, indent=2))
     if as_json:
         click.echo(json.dumps(rep, indent=2))
-    else:
+    elif rep["validated"]:
         m = rep["measured"]
         console.print(f"[bold]{rep['target']}[/bold] on {rep['provider']}: decode {m['decode_tok_s_p50']:.1f} tok/s, "
                       f"TTFT p50 {m['ttft_ms_p50']:.0f} ms, prefill {m['prefill_tok_s']:.0f} tok/s, "

@@ -72,17 +72,18 @@ def _tail(log: Path, n: int = 15) -> str:
     return "\n".join([x for x in lines if x.strip()][-n:])
 
 
-def _export_genai(model_dir: Path, out: Path, precision: str, work: Path, trust_remote_code: bool) -> None:
-    """onnxruntime-genai's model builder, CPU execution provider. hf_token=false: no credentials are read;
-    the input is a local folder, so transformers never looks at the hub (cache_dir stays empty)."""
+def _export_genai(model_dir: Path, out: Path, precision: str, work: Path, trust_remote_code: bool,
+                  execution_provider: str = "cpu", options: tuple[str, ...] = ()) -> None:
+    """onnxruntime-genai's model builder, for an execution provider (cpu, cuda, dml, webgpu). hf_token=false: no
+    credentials are read; the input is a local folder, so transformers never looks at the hub (cache_dir stays empty)."""
     from onnxruntime_genai.models.builder import create_model, parse_extra_options
 
-    opts = ["hf_token=false", f"hf_remote={str(trust_remote_code).lower()}"]
+    opts = ["hf_token=false", f"hf_remote={str(trust_remote_code).lower()}", *options]
     log, cache = work / "builder.log", str(work / "cache")
     try:
         with _quiet(log):
-            extra = parse_extra_options(None, str(model_dir), str(out), precision, "cpu", cache, opts)
-            create_model(None, str(model_dir), str(out), precision, "cpu", cache, **extra)
+            extra = parse_extra_options(None, str(model_dir), str(out), precision, execution_provider, cache, opts)
+            create_model(None, str(model_dir), str(out), precision, execution_provider, cache, **extra)
     except NotImplementedError:
         arch = (json.loads((model_dir / "config.json").read_text()).get("architectures") or ["?"])[0]
         hint = "; try the optimum exporter" if arch.endswith("ForCausalLM") else " (export takes decoder-only LMs)"

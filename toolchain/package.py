@@ -18,6 +18,7 @@ from pathlib import Path
 from .fsutil import atomic_dir
 from .runtime import manifest as man_mod
 from .runtime.validate import EVAL_FILE
+from .targets import stamp_genai_config
 
 PACKAGES = ["edge-toolchain", "torch", "transformers", "peft", "optimum", "optimum-onnx", "onnx", "onnxruntime",
             "onnxruntime-genai", "tokenizers", "numpy"]
@@ -41,6 +42,7 @@ def package(quantized: Path, eval_file: Path, out: Path, card: dict, recipe: dic
             if p.is_file() and p.name != "quantize_report.json":
                 shutil.copy2(p, tmp / p.name)
         shutil.copy2(eval_file, tmp / EVAL_FILE)
+        stamp_genai_config(tmp, target)
         manifest = {
             "format": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "model_card": card, "recipe": recipe, "target": target, "versions": versions(), "inputs": inputs,

@@ -14,11 +14,13 @@ import hashlib
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 from rich.console import Console
 
+from . import targets
 from .catalog import load_recipe
 from .errors import ToolchainError
 from .fsutil import sha256_file
@@ -53,17 +55,36 @@ def _files_hash(paths: list[Path]) -> str:
     return hashlib.sha256("".join(sha256_file(p) for p in sorted(paths)).encode()).hexdigest()[:16]
 
 
-def edge(model: Optional[str], recipe: str, target: str = "cpu-int4", out: Path = Path("artifacts"),
-         exporter: Optional[str] = None, max_steps: Optional[int] = None, model_path: Optional[str] = None,
-         trust_remote_code: bool = False, force: bool = False, launch: Optional[dict] = None) -> dict:
-    """Run every stage for one model, recipe and target; returns the validation report plus headline figures."""
+@dataclass
+class Run:
+    """The shared stages of one model and recipe: everything a target is built from."""
+    st: Stages
+    root: Path
+    card: dict
+    recipe: object
+    rec_file: Path
+    exporter: str
+    trust_remote_code: bool
+    ft_key: str
+    ft_in: dict
+    mg_dir: Path
+    mg_key: str
+    ex_dir: Path
+    ex_key: str
+    rf_dir: Path
+    rf_key: str
+    reference: dict
+    base_lineage: list
+
+
+def prepare(model: Optional[str], recipe: str, out: Path = Path("artifacts"), exporter: Optional[str] = None,
+            max_steps: Optional[int] = None, model_path: Optional[str] = None, trust_remote_code: bool = False,
+            force: bool = False, launch: Optional[dict] = None) -> Run:
+    """finetune -> merge -> export (fp32) -> reference, each reused when its inputs are unchanged."""
     from .export import export
     from .finetune import finetune
     from .merge import merge
-    from .package import package
-    from .quantize import TARGETS, quantize
     from .reference import reference
-    from .report import write_reports
 
     rec, rec_file = load_recipe(recipe)
     launch = dict(launch or {})
@@ -89,32 +110,94 @@ def edge(model: Optional[str], recipe: str, target: str = "cpu-int4", out: Path 
                                lambda o: export(mg_dir, o, exporter=exporter, trust_remote_code=trust_remote_code))
     rf_dir, rf_key, fp32 = st.run("reference", {"export": ex_key, "recipe": rec.model_dump(include={"data", "metric"})},
                                   lambda o: reference(ex_dir, mg_dir, rec, rec_file, o))
-    q_dir, q_key, q = st.run(f"quantize-{target}", {"export": ex_key, "target": target, "spec": rec.quantize.model_dump()},
-                             lambda o: quantize(ex_dir, target, o, rec.quantize))
     reference_figs = {"torch_base": _strip(ft.get("base")), "torch_tuned": _strip(ft.get("tuned")), "onnx_fp32": fp32}
-    art, _, _ = st.run(target, {"quantize": q_key, "reference": rf_key, "finetune": ft_key}, out=run / target, fn=lambda o: {
-        "path": str(package(q_dir, rf_dir / "eval.jsonl", o, src.card.model_dump(), rec.model_dump(),
-                            {"name": target, **TARGETS[target], "exporter": exporter, "quantize": q},
-                            st.lineage, reference_figs, {"weights": ft_in["weights"], "data": ft_in["data"]}))})
+    return Run(st, run, src.card.model_dump(), rec, rec_file, exporter, trust_remote_code, ft_key, ft_in, mg_dir, mg_key,
+               ex_dir, ex_key, rf_dir, rf_key, reference_figs, list(st.lineage))
+
+
+def build_target(r: Run, target: str, spec=None, name: Optional[str] = None, out: Optional[Path] = None) -> Path:
+    """Build and package one target (or, with spec/name/out, one variant of cpu-int4 or cpu-int8) from the run's
+    stages; returns the artifact folder."""
+    from .package import package
+
+    t = targets.get(target)
+    name = name or target
+    if t["built_by"] == "builder":
+        from .build import BUILDER_OPTIONS, build
+
+        q_dir, q_key, q = r.st.run(f"build-{name}", {"merged": r.mg_key, "target": target,
+                                                     "options": BUILDER_OPTIONS[t["precision"]]},
+                                   lambda o: build(r.mg_dir, target, o, r.trust_remote_code))
+        exporter = "onnxruntime-genai builder"
+        t["provider_options"] = {k: v for e in q["genai_provider_options"] for k, v in e.get(t["provider"], {}).items()}
+    elif t["built_by"] == "qdq":
+        from . import qdq
+
+        calib = {"export": r.ex_key, "target": target, "data": r.ft_in["data"], "samples": qdq.CALIB_SAMPLES,
+                 "types": [qdq.ACTIVATIONS, qdq.WEIGHTS, qdq.PER_CHANNEL_MATMUL]}
+        q_dir, q_key, q = r.st.run(f"quantize-{name}", calib, lambda o: qdq.quantize_qdq(
+            r.ex_dir, qdq.calibration_seqs(r.mg_dir, r.recipe, r.rec_file), o))
+        exporter = r.exporter
+    else:
+        from .quantize import quantize
+
+        spec = spec or r.recipe.quantize
+        q_dir, q_key, q = r.st.run(f"quantize-{name}", {"export": r.ex_key, "target": target, "spec": spec.model_dump()},
+                                   lambda o: quantize(r.ex_dir, target, o, spec))
+        exporter = r.exporter
+    lineage = r.base_lineage + [r.st.lineage[-1]]  # the shared stages and this target's own
+    desc = {**t, "name": name, "exporter": exporter, "quantize": q}
+    if name != target:
+        desc["variant_of"] = target
+    # the manifest carries the whole recipe (its gates too): a changed gate repackages, and auto re-validates
+    art, _, _ = r.st.run(name if out is None else f"artifact-{name}", {"quantize": q_key, "reference": r.rf_key,
+                         "finetune": r.ft_key, "recipe": r.recipe.model_dump()}, out=out or r.root / name, fn=lambda o: {
+        "path": str(package(q_dir, r.rf_dir / "eval.jsonl", o, r.card, r.recipe.model_dump(), desc, lineage,
+                            r.reference, {"weights": r.ft_in["weights"], "data": r.ft_in["data"]}))})
+    return art
+
+
+def validate_artifact(r: Run, art: Path) -> dict:
+    """Validate in a fresh process, write the reports, add the headline figures."""
+    from .report import write_reports
+
     console.print(f"[bold]validate[/bold] {art}")
     report = _validate_in_own_process(art)
     write_reports(art, report)
-    fp32_size = sum(p.stat().st_size for p in ex_dir.glob("model.onnx*")) / 1e6
-    m = report["measured"]
+    fp32 = r.reference["onnx_fp32"]
+    fp32_size = sum(p.stat().st_size for p in r.ex_dir.glob("model.onnx*")) / 1e6
+    m, metric = report["measured"], r.recipe.metric.name
     report["headline"] = {
-        "artifact": str(art), "decode_tok_s": m["decode_tok_s_p50"], "size_mb": m["size_mb"], "fp32_size_mb": fp32_size,
-        "delta_perplexity_vs_fp32_pct": 100 * (m["perplexity"] / fp32["perplexity"] - 1),
-        "metric": rec.metric.name, "base_torch": reference_figs["torch_base"].get(rec.metric.name),
-        "tuned_torch": reference_figs["torch_tuned"].get(rec.metric.name), "artifact_metric": m.get(rec.metric.name),
+        "artifact": str(art), "status": report["status"], "size_mb": m["size_mb"], "fp32_size_mb": fp32_size,
+        "decode_tok_s": m.get("decode_tok_s_p50"),
+        "delta_perplexity_vs_fp32_pct": 100 * (m["perplexity"] / fp32["perplexity"] - 1) if "perplexity" in m else None,
+        "metric": metric, "base_torch": r.reference["torch_base"].get(metric),
+        "tuned_torch": r.reference["torch_tuned"].get(metric), "artifact_metric": m.get(metric),
     }
     return report
 
 
+def edge(model: Optional[str], recipe: str, target: str = "cpu-int4", out: Path = Path("artifacts"),
+         exporter: Optional[str] = None, max_steps: Optional[int] = None, model_path: Optional[str] = None,
+         trust_remote_code: bool = False, force: bool = False, launch: Optional[dict] = None) -> dict:
+    """Run every stage for one model, recipe and target ("auto": choose among candidates, see auto.py); returns the
+    validation report plus headline figures."""
+    if target != "auto":
+        targets.get(target)  # an unknown target fails before any work
+    r = prepare(model, recipe, out, exporter, max_steps, model_path, trust_remote_code, force, launch)
+    if target == "auto":
+        from .auto import auto
+
+        return auto(r)
+    return validate_artifact(r, build_target(r, target))
+
+
 def _validate_in_own_process(art: Path) -> dict:
     """`toolchain validate --json` in a fresh process, as on a device: its peak RSS is the runtime's alone, not
-    the training process's, and the device path runs exactly as shipped. Exit 1 (a missed gate) still reports."""
+    the training process's, and the device path runs exactly as shipped. Exit 1 (a missed gate) and 3 (the EP is
+    missing here) still report."""
     r = subprocess.run([sys.executable, "-m", "toolchain", "validate", str(art), "--json"], stdout=subprocess.PIPE)
-    if r.returncode not in (0, 1):
+    if r.returncode not in (0, 1, 3):  # 3: built, not validated here (EP missing)
         raise ToolchainError(f"validation of {art} failed (exit {r.returncode}); run `toolchain validate {art}` to see why")
     return json.loads(r.stdout)
 

@@ -18,12 +18,10 @@ from pathlib import Path
 from .errors import ToolchainError
 from .fsutil import atomic_dir
 from .schema import QuantizeSpec
+from .targets import TARGETS as ALL_TARGETS
 
-TARGETS = {
-    "cpu-fp32": {"provider": "cpu", "precision": "fp32"},
-    "cpu-int4": {"provider": "cpu", "precision": "int4"},
-    "cpu-int8": {"provider": "cpu", "precision": "int8"},
-}
+TARGETS = {n: {"provider": t["provider"], "precision": t["precision"]} for n, t in ALL_TARGETS.items()
+           if t["built_by"] == "quantize"}
 MODEL = "model.onnx"
 
 
@@ -35,16 +33,22 @@ def _int4(src: Path, dst: Path, spec: QuantizeSpec) -> dict:
             "hqq": lambda: mnb.HQQWeightOnlyQuantConfig(block_size=spec.block_size, bits=4),
             "k_quant": lambda: mnb.KQuantWeightOnlyQuantConfig()}[spec.algo]
     model = onnx.load(str(src))
-    exclude = [] if spec.lm_head else [n.name for n in model.graph.node if n.op_type == "MatMul" and "lm_head" in n.name]
-    q = mnb.MatMulNBitsQuantizer(model, bits=4, block_size=spec.block_size, is_symmetric=spec.symmetric,
-                                 accuracy_level=spec.accuracy_level, nodes_to_exclude=exclude,
-                                 algo_config=algo() if algo else None)
+    head = [n.name for n in model.graph.node if n.op_type == "MatMul" and "lm_head" in n.name]
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # one INFO line per node otherwise
+    q = mnb.MatMulNBitsQuantizer(model, bits=4, block_size=spec.block_size, is_symmetric=spec.symmetric,
+                                 accuracy_level=spec.accuracy_level,
+                                 nodes_to_exclude=[] if spec.lm_head and spec.lm_head_bits == 4 else head,
+                                 algo_config=algo() if algo else None)
     q.process()
+    model = q.model.model
+    if spec.lm_head and spec.lm_head_bits == 8 and head:  # the output projection alone, in 8-bit MatMulNBits
+        q = mnb.MatMulNBitsQuantizer(model, bits=8, block_size=spec.block_size, is_symmetric=spec.symmetric,
+                                     accuracy_level=spec.accuracy_level, nodes_to_include=head)
+        q.process()
     q.model.save_model_to_file(str(dst), use_external_data_format=True)
     nodes = [n.op_type for n in q.model.model.graph.node]
     return {"matmulnbits": nodes.count("MatMulNBits"), "matmul_left_fp32": nodes.count("MatMul"),
-            "lm_head_quantized": spec.lm_head, **spec.model_dump()}
+            "lm_head_quantized": spec.lm_head and bool(head), **spec.model_dump()}
 
 
 def _int8(src: Path, dst: Path) -> dict:
@@ -59,7 +63,8 @@ def quantize(onnx_dir: Path, target: str, out: Path, spec: QuantizeSpec | None =
     """Write the quantized model folder for `target`; returns what was done (also in quantize_report.json)."""
     onnx_dir, spec = Path(onnx_dir), spec or QuantizeSpec()
     if target not in TARGETS:
-        raise ToolchainError(f"unknown target '{target}'. Targets: {', '.join(TARGETS)}")
+        other = f" ('{target}' is built by `toolchain edge --target {target}`)" if target in ALL_TARGETS else ""
+        raise ToolchainError(f"`toolchain quantize` builds {', '.join(TARGETS)}{other}; `toolchain targets` lists all")
     if not (onnx_dir / MODEL).is_file():
         raise ToolchainError(f"{onnx_dir}: no {MODEL}; pass the folder `toolchain export` wrote")
     t0 = time.time()

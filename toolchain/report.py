@@ -9,12 +9,33 @@ def _fmt(v, spec=".3f"):
     return format(v, spec) if isinstance(v, (int, float)) else "n/a"
 
 
+def _not_validated(rep: dict, siblings: dict[str, dict]) -> str:
+    return "\n".join([f"# {rep['target']} — {rep['artifact']}", "",
+                      f"**{rep['reason']}.** Nothing was measured except the size ({_fmt(rep['measured']['size_mb'], '.1f')} MB); "
+                      "no gate counts as passed. Run `toolchain validate` on a host with the EP.", ""] + _siblings(siblings, None))
+
+
+def _siblings(siblings: dict[str, dict], metric) -> list[str]:
+    lines = ["## Targets built so far", "", "| target | size MB | decode tok/s | perplexity | metric | status |",
+             "|---|---|---|---|---|---|"]
+    for name, r in sorted(siblings.items()):
+        s = r["measured"]
+        lines.append(f"| {name} | {_fmt(s['size_mb'], '.1f')} | {_fmt(s.get('decode_tok_s_p50'), '.1f')} | "
+                     f"{_fmt(s.get('perplexity'))} | {_fmt(s.get(metric)) if metric else 'n/a'} | "
+                     f"{r.get('status', 'passed' if r.get('passed') else 'gates_missed')} |")
+    return lines
+
+
 def markdown(rep: dict, siblings: dict[str, dict]) -> str:
+    if not rep.get("validated", True):
+        return _not_validated(rep, siblings)
     m, ref = rep["measured"], rep["reference"]
     metric = next((k for k in ("exact_match",) if k in m), None)
     lines = [f"# {rep['target']} — {rep['artifact']}", "",
              f"Validated with ONNX Runtime GenAI on the `{rep['provider']}` execution provider "
-             f"({'all gates passed' if rep['passed'] else 'GATES MISSED'}).", "",
+             f"({'all gates passed' if rep['passed'] else 'GATES MISSED'}).", ""] + (
+             [f"Note: {rep['note']}" + "".join(f"; `{g}` not applied" for g in rep.get("gates_not_applicable", [])) + ".", ""]
+             if rep.get("note") else []) + [
              "| figure | value |", "|---|---|",
              f"| decode tok/s (p50) | {_fmt(m['decode_tok_s_p50'], '.1f')} |",
              f"| prefill tok/s | {_fmt(m['prefill_tok_s'], '.1f')} |",
@@ -30,11 +51,7 @@ def markdown(rep: dict, siblings: dict[str, dict]) -> str:
         lines.append(f"| greedy token agreement with fp32 ONNX | {_fmt(m['token_agreement_fp32'])} |")
     lines += ["", "## Gates", ""] + [f"- {'PASS' if g['passed'] else 'MISS'} `{g['gate']}`: {_fmt(g['value'])} "
                                      f"(limit {g['limit']})" for g in rep["gates"]] + (["- none set"] if not rep["gates"] else [])
-    lines += ["", "## Targets built so far", "", "| target | size MB | decode tok/s | perplexity | metric |", "|---|---|---|---|---|"]
-    for name, r in sorted(siblings.items()):
-        s = r["measured"]
-        lines.append(f"| {name} | {_fmt(s['size_mb'], '.1f')} | {_fmt(s['decode_tok_s_p50'], '.1f')} | "
-                     f"{_fmt(s['perplexity'])} | {_fmt(s.get(metric)) if metric else 'n/a'} |")
+    lines += [""] + _siblings(siblings, metric)
     return "\n".join(lines + ["", "![targets](report.png)", ""])
 
 
@@ -48,7 +65,8 @@ def plot(siblings: dict[str, dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
     for ax, (key, label) in zip(axes, [("size_mb", "size (MB)"), ("decode_tok_s_p50", "decode tok/s"),
                                       ("exact_match", "task metric")]):
-        ax.bar(names, [siblings[n]["measured"].get(key, 0) or 0 for n in names], color="#4a7ab5")
+        ax.bar(names, [siblings[n]["measured"].get(key, 0) or 0 for n in names],
+               color=["#4a7ab5" if siblings[n].get("validated", True) else "#bbbbbb" for n in names])
         ax.set_title(label)
         ax.tick_params(axis="x", labelrotation=20)
     fig.tight_layout()
@@ -62,3 +80,54 @@ def write_reports(artifact: Path, rep: dict) -> None:
     siblings = {p.parent.name: json.loads(p.read_text()) for p in artifact.parent.glob("*/report.json")}
     (artifact / "report.md").write_text(markdown(rep, siblings))
     plot(siblings, artifact / "report.png")
+
+
+def auto_markdown(out: dict) -> str:
+    """auto_report.md: the pick and why, every candidate, the rejected ones with the gate each missed."""
+    metric = out["metric"]
+    lines = ["# auto: the smallest, then fastest, variant that meets every gate", "",
+             f"**Pick:** {out['reason']}." if out["pick"] else f"**No pick:** {out['reason']}.", "",
+             "Gates (recipe): " + ", ".join(f"`{k}` {v}" for k, v in out["gates_spec"].items() if v is not None), "",
+             f"| variant | size MB | decode tok/s | perplexity | {metric} | result |", "|---|---|---|---|---|---|"]
+    missed = {r["name"]: r for r in out["rejected"]}
+    for c in sorted(out["candidates"], key=lambda c: (c["size_mb"] or 0)):
+        res = "**picked**" if c["name"] == out["pick"] else ("rejected: " + missed[c["name"]]["why"] if c["name"] in missed
+                                                             else "meets every gate")
+        lines.append(f"| {c['name']} | {_fmt(c['size_mb'], '.1f')} | {_fmt(c['decode_tok_s'], '.1f')} | "
+                     f"{_fmt(c['perplexity'])} | {_fmt(c.get(metric))} | {res} |")
+    return "\n".join(lines + ["", "![frontier](frontier.png)", ""])
+
+
+def frontier_plot(out: dict, path: Path) -> None:
+    """Size and decode tok/s against the task metric; the pick starred, rejected variants as crosses, and the
+    size/accuracy Pareto front as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = out["metric"]
+    cs = [c for c in out["candidates"] if c["validated"] and c.get(metric) is not None]
+    rejected = {r["name"] for r in out["rejected"]}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in [(axes[0], "size_mb", "size (MB)"), (axes[1], "decode_tok_s", "decode tok/s (p50)")]:
+        for c in cs:
+            style = dict(marker="*", s=220, color="#2a9d4b") if c["name"] == out["pick"] else (
+                dict(marker="x", s=50, color="#c0392b") if c["name"] in rejected else dict(marker="o", s=50, color="#4a7ab5"))
+            ax.scatter(c[key], c[metric], **style)
+            ax.annotate(c["name"], (c[key], c[metric]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        front, best = [], -1.0
+        for c in sorted(cs, key=lambda c: c[key] if key == "size_mb" else -c[key]):
+            if c[metric] > best:
+                front.append(c)
+                best = c[metric]
+        ax.plot([c[key] for c in front], [c[metric] for c in front], color="#888888", lw=1, zorder=0)
+        frac, tuned = out["gates_spec"].get("min_metric_fraction"), out["reference"].get("torch_tuned", {}).get(metric)
+        if frac and tuned:  # the accuracy budget as a line
+            ax.axhline(frac * tuned, color="#c0392b", ls="--", lw=1)
+        ax.set_xlabel(label)
+        ax.set_ylabel(metric)
+    fig.suptitle("auto: star = pick, x = misses a gate, grey line = frontier, dashed = metric gate")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -111,6 +111,7 @@ class QuantizeSpec(Strict):
     symmetric: bool = True
     accuracy_level: Literal[0, 1, 2, 3, 4] = 4  # 4: int8 activations in the CPU kernel
     lm_head: bool = True  # quantize the output projection too
+    lm_head_bits: Literal[4, 8] = 4  # its width when quantized: 8 keeps more of the logits' precision
 
 
 class Gates(Strict):

@@ -4,18 +4,23 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 
-def load(folder: Path, provider: str = "cpu"):
-    """(model, tokenizer) for an onnxruntime-genai folder, on the given execution provider."""
+def load(folder: Path, provider: str = "cpu", options: Optional[dict] = None):
+    """(model, tokenizer) for an onnxruntime-genai folder, on the given execution provider (onnxruntime-genai's
+    name: cpu, cuda, dml, webgpu, qnn) with its options. "cpu" drops any EP genai_config.json names, so a QDQ
+    model built for an NPU runs on the CPU EP."""
     import onnxruntime_genai as og
 
     cfg = og.Config(str(folder))
+    cfg.clear_providers()
     if provider != "cpu":
-        cfg.clear_providers()
         cfg.append_provider(provider)
+        for k, v in (options or {}).items():
+            cfg.set_provider_option(provider, k, str(v))
     model = og.Model(cfg)
     return model, og.Tokenizer(model)
 

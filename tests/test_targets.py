@@ -1,0 +1,155 @@
+"""Targets beyond the CPU: the listing, a builder target whose EP this host lacks (built, never counted as passed),
+npu-qdq validated on the CPU EP, and auto's choice (pure gate logic, then a small end-to-end run)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import onnxruntime as ort
+import pytest
+
+from conftest import REPO
+from toolchain import auto as auto_mod
+from toolchain import pipeline
+from toolchain.runtime.validate import validate
+
+HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "toolchain", *args], capture_output=True, text=True, cwd=REPO)
+
+
+def test_targets_listing():
+    r = _cli("targets", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = {x["target"]: x for x in json.loads(r.stdout)}
+    assert set(rows) == {"cpu-fp32", "cpu-int4", "cpu-int8", "cuda-fp16", "cuda-int4", "dml-int4", "webgpu-int4", "npu-qdq"}
+    assert rows["cuda-int4"]["ep"] == "CUDAExecutionProvider" and rows["cuda-int4"]["built_by"] == "builder"
+    assert rows["npu-qdq"]["built_by"] == "qdq" and rows["npu-qdq"]["provider_options"] == {"backend_type": "htp"}
+    assert rows["cpu-int4"]["validate_here"] == "yes" and rows["cpu-int8"]["precision"] == "int8"
+    if not HAS_CUDA:
+        assert rows["cuda-fp16"]["validate_here"] == "no (CUDAExecutionProvider unavailable)"
+    assert rows["npu-qdq"]["validate_here"].startswith(("yes", "accuracy, on CPUExecutionProvider"))
+    assert "webgpu-int4" in _cli("targets").stdout
+
+
+def test_quantize_command_names_where_other_targets_are_built(tmp_path):
+    r = _cli("quantize", "--onnx", str(tmp_path), "--target", "npu-qdq", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "toolchain edge --target npu-qdq" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_phi3, tmp_path_factory):
+    """The shared stages of a tiny Phi-3 run (finetune, merge, export, reference)."""
+    from conftest import tiny_recipe_file
+
+    root = tmp_path_factory.mktemp("targets")
+    rec = tiny_recipe_file(root, gates={"max_perplexity_increase_pct": 50, "min_decode_tok_s": 1})
+    return root / "artifacts", rec
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="this host has the CUDA EP: the missing-EP path cannot be shown here")
+def test_cuda_int4_is_built_but_not_validated_without_the_ep(tiny, tiny_phi3):
+    out, rec = tiny
+    rep = pipeline.edge(str(tiny_phi3), str(rec), target="cuda-int4", out=out)
+    art = out / "tiny-phi30-chat-lora" / "cuda-int4"
+    assert rep["status"] == "not_validated" and rep["passed"] is False and rep["gates"] == []
+    assert rep["reason"] == "built, not validated on this host: CUDAExecutionProvider unavailable"
+    man = json.loads((art / "manifest.json").read_text())["target"]
+    assert (man["ep"], man["precision"], man["provider"]) == ("CUDAExecutionProvider", "int4", "cuda")
+    assert "enable_cuda_graph" in man["provider_options"] and man["quantize"]["ops"]["MatMulNBits"] > 0
+    so = json.loads((art / "genai_config.json").read_text())["model"]["decoder"]["session_options"]
+    assert "cuda" in so["provider_options"][0] and "cuda-int4 int4" in so["log_id"]
+    saved = json.loads((art / "report.json").read_text())
+    assert saved["status"] == "not_validated" and not saved["passed"]
+    assert "not validated on this host" in (art / "report.md").read_text()
+    r = _cli("validate", str(art))
+    assert r.returncode == 3 and "built, not validated on this host: CUDAExecutionProvider unavailable" in r.stderr
+
+
+def test_npu_qdq_validated_on_cpu_within_the_gates(tiny, tiny_phi3):
+    out, rec = tiny
+    rep = pipeline.edge(str(tiny_phi3), str(rec), target="npu-qdq", out=out)
+    art = out / "tiny-phi30-chat-lora" / "npu-qdq"
+    assert rep["validated"] and rep["provider"] == "cpu" and rep["status"] == "passed"
+    assert "QNNExecutionProvider unavailable" in rep["note"] and rep["gates_not_applicable"] == ["min_decode_tok_s"]
+    assert [g["gate"] for g in rep["gates"]] == ["max_perplexity_increase_pct"]  # stated budget: recipe's accuracy gates
+    assert abs(rep["headline"]["delta_perplexity_vs_fp32_pct"]) < 5
+    man = json.loads((art / "manifest.json").read_text())["target"]
+    q = man["quantize"]
+    assert q["quantize_linear"] > 0 and q["activations"] == "quint16" and q["calibration"]["samples"] == 16
+    assert q["ops_with_qdq_inputs"]["MatMul"] == 11  # every projection and the lm_head read QDQ weights
+    assert any("static-shape" in x for x in q["not_done"]) and man["also_runs_on"][0]["ep"] == "VitisAIExecutionProvider"
+    cfg = json.loads((art / "genai_config.json").read_text())["model"]["decoder"]["session_options"]
+    assert cfg["provider_options"] == [{"qnn": {"backend_type": "htp"}}]
+    assert validate(art)["provider"] == "cpu"  # the device path: genai_config names QNN, the CPU EP runs it here
+
+
+def _cand(name, size, tok_s, gates, validated=True):
+    return {"name": name, "validated": validated, "size_mb": size, "decode_tok_s": tok_s, "reason": None if validated
+            else "built, not validated on this host: CUDAExecutionProvider unavailable",
+            "gates": [{"gate": g, "value": v, "limit": lim, "passed": ok} for g, v, lim, ok in gates]}
+
+
+def test_auto_gate_logic():
+    ok = [("min_metric_fraction", 0.97, 0.95, True)]
+    miss = [("min_metric_fraction", 0.80, 0.95, False), ("max_perplexity_increase_pct", 12.0, 10, False)]
+    cands = [_cand("hqq", 150.0, 90.0, miss), _cand("b32", 202.0, 80.0, ok), _cand("b32-sym", 200.5, 85.0, ok),
+             _cand("b16", 230.0, 70.0, ok), _cand("cuda", 100.0, None, [], validated=False)]
+    c = auto_mod.choose(cands)
+    # smallest passing is b32-sym (200.5); b32 (202.0) is within 1%, and b32-sym is also faster
+    assert c["pick"] == "b32-sym" and "200.5 MB" in c["reason"] and c["qualified"] == ["b32-sym", "b32", "b16"]
+    rej = {r["name"]: r for r in c["rejected"]}
+    assert rej["hqq"]["missed"] == ["min_metric_fraction", "max_perplexity_increase_pct"]
+    assert "not validated on this host" in rej["cuda"]["why"]  # a missing EP is never a pass, however small
+    # within 1%, the faster wins even if a little larger
+    c = auto_mod.choose([_cand("a", 100.0, 50.0, ok), _cand("b", 100.9, 60.0, ok), _cand("c", 102.0, 99.0, ok)])
+    assert c["pick"] == "b" and "fastest" in c["reason"]
+    assert auto_mod.choose([_cand("x", 1.0, 1.0, miss)])["pick"] is None
+
+
+def test_auto_end_to_end_small(tiny, tiny_phi3, monkeypatch):
+    """auto on two real variants (lm_head int8 and dynamic int8); a re-run reuses every artifact and report."""
+    out, rec = tiny
+    monkeypatch.setattr(auto_mod, "CANDIDATES", [c for c in auto_mod.CANDIDATES if c[0] in ("int4-rtn-b32-asym-head8", "int8")])
+    rep = pipeline.edge(str(tiny_phi3), str(rec), target="auto", out=out)
+    folder = out / "tiny-phi30-chat-lora" / "auto"
+    assert {c["name"] for c in rep["candidates"]} == {"int4-rtn-b32-asym-head8", "int8"}
+    assert rep["pick"] in ("int4-rtn-b32-asym-head8", "int8") and rep["reason"].startswith(rep["pick"])
+    assert (folder / "frontier.png").stat().st_size > 1000 and "**Pick:**" in (folder / "auto_report.md").read_text()
+    head8 = json.loads((folder / "int4-rtn-b32-asym-head8" / "manifest.json").read_text())["target"]
+    assert head8["variant_of"] == "cpu-int4" and head8["quantize"]["lm_head_bits"] == 8
+    real = pipeline.validate_artifact
+    monkeypatch.setattr(pipeline, "validate_artifact", lambda *a, **k: pytest.fail("re-validated an unchanged artifact"))
+    again = pipeline.edge(str(tiny_phi3), str(rec), target="auto", out=out)
+    assert again["pick"] == rep["pick"]
+    # a gate no variant can meet: the artifacts are repackaged with the new recipe, re-validated, and none is picked
+    import yaml
+
+    original = rec.read_text()
+    y = yaml.safe_load(original)
+    y["gates"]["min_decode_tok_s"] = 1e9
+    rec.write_text(yaml.safe_dump(y))
+    monkeypatch.setattr(pipeline, "validate_artifact", real)
+    try:
+        none = pipeline.edge(str(tiny_phi3), str(rec), target="auto", out=out)
+    finally:
+        rec.write_text(original)
+    assert none["pick"] is None and not none["passed"]
+    assert all(r["missed"] == ["min_decode_tok_s"] for r in none["rejected"]) and len(none["rejected"]) == 2
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the missing-EP path")
+@pytest.mark.parametrize("target,provider", [("cuda-fp16", "cuda"), ("dml-int4", "dml"), ("webgpu-int4", "webgpu")])
+def test_other_builder_targets_name_their_ep(tiny, tiny_phi3, target, provider):
+    out, rec = tiny
+    r = pipeline.prepare(str(tiny_phi3), str(rec), out)
+    art = pipeline.build_target(r, target)
+    man = json.loads((art / "manifest.json").read_text())["target"]
+    so = json.loads((art / "genai_config.json").read_text())["model"]["decoder"]["session_options"]
+    assert man["provider"] == provider and list(so["provider_options"][0]) == [provider]
+    assert so["provider_options"][0][provider] == man["provider_options"] and man["precision"] in so["log_id"]
+    rep = validate(art)
+    assert rep["status"] == "not_validated" and not rep["passed"] and man["ep"] in rep["reason"]

@@ -1,0 +1,111 @@
+"""`--target auto`: build the variants this host can run, validate each, pick the smallest (then fastest) that
+meets every gate of the recipe.
+
+Candidates: weight-only int4 variants of cpu-int4 (block size, symmetric/asymmetric, RTN/HQQ/k-quant, lm_head
+int4/int8), dynamic int8, and the builder targets whose EP this host has (CUDA/DML/WebGPU; none on a CPU host).
+Each is a full artifact under <run>/auto/<variant>/ with its own manifest and report; a candidate whose artifact
+is unchanged keeps its report (delete it, or --force, to re-measure). The choice, the rejected variants with the
+gate each missed, and the frontier plot go to <run>/auto/auto_report.{json,md} and frontier.png.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from .targets import TARGETS, ep_available
+
+# (variant, base target, changes to the recipe's quantize: section)
+CANDIDATES = [
+    ("int4-rtn-b32-asym", "cpu-int4", {"algo": "rtn", "block_size": 32, "symmetric": False}),
+    ("int4-rtn-b32-sym", "cpu-int4", {"algo": "rtn", "block_size": 32, "symmetric": True}),
+    ("int4-rtn-b128-asym", "cpu-int4", {"algo": "rtn", "block_size": 128, "symmetric": False}),
+    ("int4-rtn-b128-sym", "cpu-int4", {"algo": "rtn", "block_size": 128, "symmetric": True}),
+    ("int4-rtn-b32-asym-head8", "cpu-int4", {"algo": "rtn", "block_size": 32, "symmetric": False, "lm_head_bits": 8}),
+    ("int4-kquant-b32", "cpu-int4", {"algo": "k_quant", "block_size": 32, "symmetric": False}),
+    ("int4-hqq-b32", "cpu-int4", {"algo": "hqq", "block_size": 32, "symmetric": False}),
+    ("int8", "cpu-int8", None),
+]
+SIZE_TIE = 0.01  # sizes within 1% of the smallest count as equal; the faster one wins
+
+
+def candidates() -> list[tuple[str, str, Optional[dict]]]:
+    """The CPU variants, plus every builder target whose EP this host can run."""
+    extra = [(n, n, None) for n, t in TARGETS.items() if t["built_by"] == "builder" and ep_available(t["ep"], t["provider"])]
+    return CANDIDATES + extra
+
+
+def summarize(name: str, rep: dict, metric: str) -> dict:
+    m = rep.get("measured", {})
+    return {"name": name, "artifact": rep.get("artifact"), "validated": bool(rep.get("validated")),
+            "status": rep.get("status"), "reason": rep.get("reason"), "size_mb": m.get("size_mb"),
+            "decode_tok_s": m.get("decode_tok_s_p50"), "perplexity": m.get("perplexity"), metric: m.get(metric),
+            "gates": rep.get("gates", [])}
+
+
+def choose(cands: list[dict]) -> dict:
+    """Pure gate logic. A candidate qualifies only if it was validated and passed every gate (a missing EP is never a
+    pass). Among those: the smallest, sizes within SIZE_TIE counting as equal, then the fastest decode."""
+    rejected, ok = [], []
+    for c in cands:
+        if not c["validated"]:
+            rejected.append({"name": c["name"], "missed": [], "why": c.get("reason") or "not validated"})
+            continue
+        missed = [g for g in c["gates"] if not g["passed"]]
+        if missed:
+            rejected.append({"name": c["name"], "missed": [g["gate"] for g in missed],
+                             "why": "; ".join(f"{g['gate']} {g['value']:.3f} vs limit {g['limit']}" for g in missed)})
+        else:
+            ok.append(c)
+    if not ok:
+        return {"pick": None, "reason": "no variant meets every gate of the recipe", "rejected": rejected, "qualified": []}
+    smallest = min(c["size_mb"] for c in ok)
+    ties = [c for c in ok if c["size_mb"] <= smallest * (1 + SIZE_TIE)]
+    pick = max(ties, key=lambda c: c["decode_tok_s"] or 0.0)
+    gates = ", ".join(sorted({g["gate"] for g in pick["gates"]})) or "none set by the recipe"
+    reason = (f"{pick['name']}: the smallest of the {len(ok)} variant(s) meeting every gate ({gates}) at "
+              f"{pick['size_mb']:.1f} MB")
+    if len(ties) > 1:
+        others = ", ".join(f"{c['name']} {c['decode_tok_s']:.1f}" for c in ties if c is not pick)
+        reason += (f"; fastest ({pick['decode_tok_s']:.1f} decode tok/s) of those within {SIZE_TIE:.0%} of that size "
+                   f"({others})")
+    return {"pick": pick["name"], "reason": reason, "rejected": rejected,
+            "qualified": [c["name"] for c in sorted(ok, key=lambda c: (c["size_mb"], -(c["decode_tok_s"] or 0)))]}
+
+
+def _cached_report(art: Path) -> Optional[dict]:
+    """The report validate wrote after the artifact was last (re)packaged, if it scored the shipped eval split."""
+    f = art / "report.json"
+    if not f.is_file():
+        return None
+    rep = json.loads(f.read_text())
+    return rep if rep.get("data") == "eval.jsonl" and rep.get("validated") else None
+
+
+def auto(r) -> dict:
+    """Build, validate and choose, for a prepared pipeline.Run."""
+    from .pipeline import build_target, console, validate_artifact
+    from .report import auto_markdown, frontier_plot
+
+    metric = r.recipe.metric.name
+    folder = r.root / "auto"
+    cands, reports = [], {}
+    for name, base, change in candidates():
+        spec = r.recipe.quantize.model_copy(update=change) if change else None
+        art = build_target(r, base, spec=spec, name=name, out=folder / name)
+        rep = None if r.st.force else _cached_report(art)
+        if rep:
+            console.print(f"[dim]{name}: artifact unchanged, reusing its report[/dim]")
+        else:
+            rep = validate_artifact(r, art)
+        reports[name] = rep
+        cands.append(summarize(name, rep, metric))
+    choice = choose(cands)
+    out = {"target": "auto", "validated": True, "status": "passed" if choice["pick"] else "gates_missed",
+           "passed": choice["pick"] is not None, "metric": metric, "gates_spec": r.recipe.gates.model_dump(),
+           "reference": r.reference, **choice, "candidates": cands,
+           "artifact": str(folder / choice["pick"]) if choice["pick"] else None}
+    (folder / "auto_report.json").write_text(json.dumps(out, indent=2))
+    frontier_plot(out, folder / "frontier.png")
+    (folder / "auto_report.md").write_text(auto_markdown(out))
+    return out

@@ -2,13 +2,13 @@
 PY        ?= python3
 VENV      := .venv
 BIN       := $(VENV)/bin
-MODEL     ?= smollm2-135m
+MODEL     ?=
 RECIPE    ?= chat-lora
-TARGET    ?= cpu-int4
+TARGET    ?=
 OUT       ?= artifacts
 MODEL_PATH ?=
 MAX_STEPS ?=
-EDGE_ARGS := $(if $(MODEL_PATH),--model-path $(MODEL_PATH)) $(if $(MAX_STEPS),--max-steps $(MAX_STEPS))
+EDGE_ARGS := $(if $(MODEL),--model $(MODEL)) $(if $(TARGET),--target $(TARGET)) $(if $(MODEL_PATH),--model-path $(MODEL_PATH)) $(if $(MAX_STEPS),--max-steps $(MAX_STEPS))
 STAMP     := $(VENV)/.setup-stamp
 
 .PHONY: setup edge test clean
@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 edge: setup
-	$(BIN)/toolchain edge --model $(MODEL) --recipe $(RECIPE) --target $(TARGET) --out $(OUT) $(EDGE_ARGS)
+	$(BIN)/toolchain edge --recipe $(RECIPE) --out $(OUT) $(EDGE_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q tests

@@ -53,7 +53,7 @@ def _files_hash(paths: list[Path]) -> str:
     return hashlib.sha256("".join(sha256_file(p) for p in sorted(paths)).encode()).hexdigest()[:16]
 
 
-def edge(model: Optional[str], recipe: str, target: str = "cpu-int4", out: Path = Path("artifacts"),
+def edge(model: Optional[str], recipe: str, target: Optional[str] = None, out: Path = Path("artifacts"),
          exporter: Optional[str] = None, max_steps: Optional[int] = None, model_path: Optional[str] = None,
          trust_remote_code: bool = False, force: bool = False) -> dict:
     """Run every stage for one model, recipe and target; returns the validation report plus headline figures."""
@@ -68,6 +68,11 @@ def edge(model: Optional[str], recipe: str, target: str = "cpu-int4", out: Path 
     rec, rec_file = load_recipe(recipe)
     model = model or rec.model
     src = resolve(model, model_path, trust_remote_code)  # fails fast, before any work
+    target = target or rec.target or "cpu-int4"
+    if src.card.kind == "encoder":  # classify-encoder, ner: Optimum export, int8, no GenAI folder
+        from . import encoder
+
+        return encoder.edge(src, rec, rec_file, target, Path(out), max_steps, force)
     name = src.card.name
     run = Path(out) / f"{name}-{rec.name}"
     st = Stages(run, force)
@@ -101,6 +106,7 @@ def edge(model: Optional[str], recipe: str, target: str = "cpu-int4", out: Path 
         "delta_perplexity_vs_fp32_pct": 100 * (m["perplexity"] / fp32["perplexity"] - 1),
         "metric": rec.metric.name, "base_torch": reference_figs["torch_base"].get(rec.metric.name),
         "tuned_torch": reference_figs["torch_tuned"].get(rec.metric.name), "artifact_metric": m.get(rec.metric.name),
+        "onnx_fp32": fp32.get(rec.metric.name),
     }
     return report
 

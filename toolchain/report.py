@@ -9,9 +9,17 @@ def _fmt(v, spec=".3f"):
     return format(v, spec) if isinstance(v, (int, float)) else "n/a"
 
 
+def _metric(rep: dict):
+    """The recipe's task metric when the report carries it (perplexity has its own row), else exact match."""
+    name = rep.get("metric", "exact_match")
+    return None if name == "perplexity" or name not in rep["measured"] else name
+
+
 def markdown(rep: dict, siblings: dict[str, dict]) -> str:
+    if rep.get("kind") == "encoder":
+        return markdown_encoder(rep)
     m, ref = rep["measured"], rep["reference"]
-    metric = next((k for k in ("exact_match",) if k in m), None)
+    metric = _metric(rep)
     lines = [f"# {rep['target']} — {rep['artifact']}", "",
              f"Validated with ONNX Runtime GenAI on the `{rep['provider']}` execution provider "
              f"({'all gates passed' if rep['passed'] else 'GATES MISSED'}).", "",
@@ -38,7 +46,25 @@ def markdown(rep: dict, siblings: dict[str, dict]) -> str:
     return "\n".join(lines + ["", "![targets](report.png)", ""])
 
 
-def plot(siblings: dict[str, dict], path: Path) -> None:
+def markdown_encoder(rep: dict) -> str:
+    """An encoder artifact: latency per sequence and the task figures beside base and tuned torch."""
+    m, ref = rep["measured"], rep["reference"]
+    lines = [f"# {rep['target']} — {rep['artifact']}", "",
+             f"Validated with ONNX Runtime and `tokenizers` ({'all gates passed' if rep['passed'] else 'GATES MISSED'}).",
+             "", "| figure | value |", "|---|---|",
+             f"| latency per sequence p50 / p95 (ms, batch 1, tokenizer included) | {_fmt(m['latency_ms_p50'], '.2f')} / "
+             f"{_fmt(m['latency_ms_p95'], '.2f')} |",
+             f"| peak RSS (MB) | {_fmt(m['peak_rss_mb'], '.0f')} |", f"| model size (MB) | {_fmt(m['size_mb'], '.1f')} |",
+             "", "| figure | torch base (random head) | torch tuned | fp32 ONNX | this artifact |", "|---|---|---|---|---|"]
+    for k in rep.get("figures", []):
+        lines.append(f"| {k} | {_fmt(ref.get('torch_base', {}).get(k))} | {_fmt(ref.get('torch_tuned', {}).get(k))} | "
+                     f"{_fmt(ref.get('onnx_fp32', {}).get(k))} | {_fmt(m.get(k))} |")
+    lines += ["", "## Gates", ""] + [f"- {'PASS' if g['passed'] else 'MISS'} `{g['gate']}`: {_fmt(g['value'])} "
+                                     f"(limit {g['limit']})" for g in rep["gates"]] + (["- none set"] if not rep["gates"] else [])
+    return "\n".join(lines + [""])
+
+
+def plot(siblings: dict[str, dict], path: Path, metric: str = "exact_match") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -47,7 +73,7 @@ def plot(siblings: dict[str, dict], path: Path) -> None:
     names = sorted(siblings)
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
     for ax, (key, label) in zip(axes, [("size_mb", "size (MB)"), ("decode_tok_s_p50", "decode tok/s"),
-                                      ("exact_match", "task metric")]):
+                                      (metric, "task metric")]):
         ax.bar(names, [siblings[n]["measured"].get(key, 0) or 0 for n in names], color="#4a7ab5")
         ax.set_title(label)
         ax.tick_params(axis="x", labelrotation=20)
@@ -61,4 +87,5 @@ def write_reports(artifact: Path, rep: dict) -> None:
     artifact = Path(artifact)
     siblings = {p.parent.name: json.loads(p.read_text()) for p in artifact.parent.glob("*/report.json")}
     (artifact / "report.md").write_text(markdown(rep, siblings))
-    plot(siblings, artifact / "report.png")
+    if rep.get("kind") != "encoder":
+        plot(siblings, artifact / "report.png", _metric(rep) or "perplexity")

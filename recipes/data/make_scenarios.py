@@ -59,7 +59,8 @@ def domain_adapt(chunk_chars: int = 700, n_train: int = 480, n_eval: int = 48) -
     keys = sorted(topics)
     held = set(keys[::6])  # every sixth topic, whole, is eval only
     train = [c for k in keys if k not in held for c in chunks(topics[k])]
-    ev = [c for k in keys if k in held for c in chunks(topics[k])]
+    seen = set(train)  # some topics repeat passages of others: such chunks stay out of eval
+    ev = [c for k in keys if k in held for c in chunks(topics[k]) if c not in seen]
     rng = random.Random(0)
     rng.shuffle(train)
     rng.shuffle(ev)
@@ -116,7 +117,12 @@ def classify(n_train: int = 480, n_eval: int = 96) -> None:
         text = rng.choice(OPENERS) + tpl.format(item=rng.choice(items_tr if train else items_ev)) + rng.choice(CLOSERS)
         return {"text": text, "label": label}
 
-    rows = {"train": [one(True) for _ in range(n_train)], "eval": [one(False) for _ in range(n_eval)]}
+    rows = {"train": [one(True) for _ in range(n_train)], "eval": []}
+    seen = {r["text"] for r in rows["train"]}
+    while len(rows["eval"]) < n_eval:  # messages without a product can repeat: keep train's out of eval
+        r = one(False)
+        if r["text"] not in seen:
+            rows["eval"].append(r)
     _write("classify-encoder", rows)
     _write("classify", {s: [_chat(CLASSIFY_SYSTEM, r["text"], r["label"]) for r in xs] for s, xs in rows.items()})
 

@@ -165,3 +165,13 @@ def test_encoder_rows_are_validated_with_file_and_line(tmp_path):
     p.write_text('{"text": "hi"}\n')
     with pytest.raises(ToolchainError, match=r"bad.jsonl:1: a classify row needs exactly the keys \['text', 'label'\]"):
         rt.read_rows(p, "classify")
+
+
+def test_scenarios_table_reads_every_report(encoder_runs):
+    out = Path(encoder_runs[("ner", "cpu-int8")]["headline"]["artifact"]).parent.parent
+    r = run_cli("scenarios", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    rows = [x for x in r.stdout.splitlines() if x.startswith("| ") and "---" not in x][1:]
+    assert sorted(x.split(" | ")[0][2:] + "/" + x.split(" | ")[2] for x in rows) == [
+        "classify-encoder/cpu-fp32", "classify-encoder/cpu-int8", "ner/cpu-int8"]
+    assert all("ms/seq p50" in x for x in rows)

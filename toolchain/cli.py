@@ -202,6 +202,15 @@ def quantize(onnx_dir, target, out, recipe):
     console.print(f"[bold]{target} written to {out}[/bold]  ({rep['size_mb']} MB, {rep['seconds']} s)")
 
 
+@cli.command()
+@click.option("--out", default="artifacts", show_default=True, type=click.Path(), help="Where `edge` wrote the artifacts.")
+def scenarios(out):
+    """Markdown table of every validated artifact: base / tuned torch / fp32 ONNX / artifact metric, speed, gates."""
+    from .report import scenario_table
+
+    click.echo(scenario_table(Path(out)))
+
+
 def main() -> None:
     try:
         cli(standalone_mode=True)

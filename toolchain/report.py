@@ -31,9 +31,11 @@ def markdown(rep: dict, siblings: dict[str, dict]) -> str:
              f"| model size (MB) | {_fmt(m['size_mb'], '.1f')} |",
              f"| held-out perplexity | {_fmt(m['perplexity'])} (torch tuned {_fmt(ref.get('torch_tuned', {}).get('perplexity'))}, "
              f"fp32 ONNX {_fmt(ref.get('onnx_fp32', {}).get('perplexity'))}) |"]
-    if metric:
-        lines.append(f"| {metric} | {_fmt(m[metric])} (torch base {_fmt(ref.get('torch_base', {}).get(metric))}, "
-                     f"torch tuned {_fmt(ref.get('torch_tuned', {}).get(metric))}) |")
+    from .runtime.metrics import FAMILIES
+
+    for k in (FAMILIES.get(metric, [metric]) if metric else []):  # the headline metric, then its companions
+        lines.append(f"| {k} | {_fmt(m.get(k))} (torch base {_fmt(ref.get('torch_base', {}).get(k))}, "
+                     f"torch tuned {_fmt(ref.get('torch_tuned', {}).get(k))}, fp32 ONNX {_fmt(ref.get('onnx_fp32', {}).get(k))}) |")
     if "token_agreement_fp32" in m:
         lines.append(f"| greedy token agreement with fp32 ONNX | {_fmt(m['token_agreement_fp32'])} |")
     lines += ["", "## Gates", ""] + [f"- {'PASS' if g['passed'] else 'MISS'} `{g['gate']}`: {_fmt(g['value'])} "
@@ -89,3 +91,27 @@ def write_reports(artifact: Path, rep: dict) -> None:
     (artifact / "report.md").write_text(markdown(rep, siblings))
     if rep.get("kind") != "encoder":
         plot(siblings, artifact / "report.png", _metric(rep) or "perplexity")
+
+
+def scenario_table(out: Path) -> str:
+    """The README's scenario table from every artifact under `out` (the report.json that validate wrote):
+    base torch / tuned torch / fp32 ONNX / artifact for each recipe's headline metric, and the gates."""
+    from .runtime.metrics import LOWER_IS_BETTER
+
+    lines = ["| recipe | model | target | metric | base torch | tuned torch | fp32 ONNX | artifact | artifact / tuned | "
+             "speed | gates |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p in sorted(Path(out).glob("*/*/report.json")):
+        rep = json.loads(p.read_text())
+        man = json.loads((p.parent / "manifest.json").read_text())
+        metric, ref, m = rep.get("metric", "exact_match"), rep["reference"], rep["measured"]
+        base, tuned = ref.get("torch_base", {}).get(metric), ref.get("torch_tuned", {}).get(metric)
+        fp32, art = ref.get("onnx_fp32", {}).get(metric), m.get(metric)
+        better = (tuned < base) if metric in LOWER_IS_BETTER else (tuned > base)
+        speed = (f"{m['latency_ms_p50']:.1f} ms/seq p50" if rep.get("kind") == "encoder"
+                 else f"{m['decode_tok_s_p50']:.0f} tok/s")
+        gates = "pass" if rep["passed"] else "MISS " + ", ".join(g["gate"] for g in rep["gates"] if not g["passed"])
+        ratio = art / tuned if isinstance(art, (int, float)) and tuned else None
+        lines.append(f"| {man['recipe']['name']} | {man['model_card']['name']} | {rep['target']} | {metric} | "
+                     f"{_fmt(base)} | {_fmt(tuned)}{'' if better else ' (not better)'} | {_fmt(fp32)} | {_fmt(art)} | "
+                     f"{_fmt(ratio)} | {speed} | {gates} |")
+    return "\n".join(lines)

@@ -175,3 +175,9 @@ def test_scenarios_table_reads_every_report(encoder_runs):
     assert sorted(x.split(" | ")[0][2:] + "/" + x.split(" | ")[2] for x in rows) == [
         "classify-encoder/cpu-fp32", "classify-encoder/cpu-int8", "ner/cpu-int8"]
     assert all("ms/seq p50" in x for x in rows)
+
+
+def test_ner_on_a_decoder_is_refused_with_the_fix(tiny_phi3, tmp_path):
+    rec = short_recipe_file(tmp_path, "ner")
+    with pytest.raises(ToolchainError, match="runs on an encoder.*--model minilm-l6"):
+        pipeline.edge(str(tiny_phi3), str(rec), out=tmp_path / "art")

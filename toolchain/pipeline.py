@@ -73,6 +73,9 @@ def edge(model: Optional[str], recipe: str, target: Optional[str] = None, out: P
         from . import encoder
 
         return encoder.edge(src, rec, rec_file, target, Path(out), max_steps, force)
+    if rec.task == "ner":
+        raise ToolchainError(f"recipe '{rec.name}' labels tokens and runs on an encoder; model '{src.card.name}' is a "
+                             f"decoder. Use an encoder card (--model minilm-l6) or leave --model out")
     name = src.card.name
     run = Path(out) / f"{name}-{rec.name}"
     st = Stages(run, force)

@@ -155,9 +155,11 @@ def quantize(onnx_dir: Path, target: str, out: Path) -> dict:
         if target == "cpu-int8":
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
+            # Per-channel weight scales, measured on the MiniLM recipes (held-out, tuned torch 0.992 F1 / 0.938 acc):
+            # per-tensor int8 kept 0.946 entity F1 / 0.927 accuracy, per-channel 0.989 / 0.938, same 23 MB.
             quantize_dynamic(str(Path(onnx_dir) / rt.MODEL), str(tmp / rt.MODEL), weight_type=QuantType.QInt8,
-                             per_channel=False)
-            info = {"method": "quantize_dynamic", "weight_type": "int8"}
+                             per_channel=True)
+            info = {"method": "quantize_dynamic", "weight_type": "int8", "per_channel": True}
         else:
             shutil.copy2(Path(onnx_dir) / rt.MODEL, tmp / rt.MODEL)
             info = {}
@@ -206,7 +208,7 @@ def edge(src, rec, rec_file: Path, target: str, out: Path, max_steps: Optional[i
         return figs
 
     _, rf_key, fp32 = st.run("reference", {"export": ex_key, "metric": rec.metric.model_dump()}, reference)
-    q_dir, q_key, q = st.run(f"quantize-{target}", {"export": ex_key, "target": target},
+    q_dir, q_key, q = st.run(f"quantize-{target}", {"export": ex_key, "target": target, "per_channel": True},
                              lambda o: quantize(ex_dir, target, o))
     ref_figs = {"torch_base": _strip(ft.get("base")), "torch_tuned": _strip(ft.get("tuned")), "onnx_fp32": fp32}
     manifest = {"format": 1, "model_card": src.card.model_dump(), "recipe": rec.model_dump(),

@@ -216,7 +216,8 @@ def edge(src, rec, rec_file: Path, target: str, out: Path, max_steps: Optional[i
                 "encoder": {"task": rec.task, "labels": ft["labels"], "max_length": rec.data.max_length},
                 "versions": versions(), "inputs": {"weights": ft_in["weights"], "data": ft_in["data"]},
                 "lineage": st.lineage, "reference": ref_figs}
-    art, _, _ = st.run(target, {"quantize": q_key, "reference": rf_key, "finetune": ft_key}, out=run / target,
+    art, _, _ = st.run(target, {"quantize": q_key, "reference": rf_key, "finetune": ft_key,
+                                "gates": rec.gates.model_dump()}, out=run / target,
                        fn=lambda o: {"path": str(package(q_dir, ft_dir / "model", held, o, manifest))})
     report = _validate_in_own_process(art)
     write_reports(art, report)

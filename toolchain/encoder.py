@@ -60,6 +60,7 @@ def finetune(src, rec, rec_file: Path, out: Path, max_steps: Optional[int] = Non
     """Train, score base and tuned with torch, write out/model (merged HF folder) and out/metrics.json."""
     import torch
     from peft import LoraConfig, get_peft_model
+    from tqdm.auto import tqdm
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     from .finetune import _lr_at, seed_everything
@@ -94,7 +95,8 @@ def finetune(src, rec, rec_file: Path, out: Path, max_steps: Optional[int] = Non
     label_ids = {x: i for i, x in enumerate(labels)}
     rng, order, log, t0 = np.random.default_rng(spec.seed), [], [], time.time()
     net.train()
-    for step in range(spec.max_steps):
+    bar = tqdm(range(spec.max_steps), desc=f"finetune {src.card.name} + {task} head")
+    for step in bar:
         if len(order) < spec.batch_size:
             order += list(rng.permutation(len(train)))
         rows, order = [train[i] for i in order[: spec.batch_size]], order[spec.batch_size:]
@@ -110,6 +112,7 @@ def finetune(src, rec, rec_file: Path, out: Path, max_steps: Optional[int] = Non
         opt.step()
         opt.zero_grad(set_to_none=True)
         log.append({"step": step + 1, "loss": round(loss.item(), 5)})
+        bar.set_postfix(loss=f"{log[-1]['loss']:.3f}")
     merged = net.merge_and_unload()
     merged.eval()
     results["train"] = {"steps": spec.max_steps, "seconds": round(time.time() - t0, 1), "final_loss": log[-1]["loss"],

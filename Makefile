@@ -2,16 +2,16 @@
 PY        ?= python3
 VENV      := .venv
 BIN       := $(VENV)/bin
-MODEL     ?= smollm2-135m
+MODEL     ?=
 RECIPE    ?= chat-lora
-TARGET    ?= cpu-int4
+TARGET    ?=
 OUT       ?= artifacts
 MODEL_PATH ?=
 MAX_STEPS ?=
 NPROC     ?=
 ZERO      ?= 2
-EDGE_ARGS := $(if $(MODEL_PATH),--model-path $(MODEL_PATH)) $(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) \
-             $(if $(NPROC),--launcher deepspeed --nproc $(NPROC) --zero $(ZERO))
+EDGE_ARGS := $(if $(MODEL),--model $(MODEL)) $(if $(TARGET),--target $(TARGET)) $(if $(MODEL_PATH),--model-path $(MODEL_PATH)) \
+             $(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) $(if $(NPROC),--launcher deepspeed --nproc $(NPROC) --zero $(ZERO))
 STAMP     := $(VENV)/.setup-stamp
 
 .PHONY: setup edge test clean
@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 edge: setup
-	$(BIN)/toolchain edge --model $(MODEL) --recipe $(RECIPE) --target $(TARGET) --out $(OUT) $(EDGE_ARGS)
+	$(BIN)/toolchain edge --recipe $(RECIPE) --out $(OUT) $(EDGE_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q tests

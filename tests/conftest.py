@@ -78,3 +78,45 @@ def tiny_recipe_file(folder: Path, **overrides) -> Path:
 @pytest.fixture
 def tiny_recipe(tmp_path) -> Path:
     return tiny_recipe_file(tmp_path)
+
+
+def make_tiny_bert(out: Path) -> Path:
+    """A 2-layer random BERT (hidden 32) with all-MiniLM-L6-v2's WordPiece tokenizer: the encoder path in seconds."""
+    import shutil
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from toolchain.sources import resolve
+
+    minilm = resolve("minilm-l6").path
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(out, safe_serialization=True)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy2(minilm / f, out / f)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def short_recipe_file(folder: Path, name: str, **sections) -> Path:
+    """recipes/<name>.yaml with absolute data paths and the given sections updated (e.g. train={'max_steps': 2})."""
+    import yaml
+
+    rec = yaml.safe_load((REPO / f"recipes/{name}.yaml").read_text())
+    for k in ("train", "eval"):
+        if rec["data"].get(k):
+            rec["data"][k] = str(REPO / "recipes" / rec["data"][k])
+    for key, upd in sections.items():
+        if isinstance(upd, dict) and isinstance(rec.get(key), dict):
+            rec[key].update(upd)
+        else:
+            rec[key] = upd
+    p = folder / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(rec))
+    return p

@@ -142,8 +142,9 @@ def merge(model, adapter, out, model_path, trust_remote_code):
 @cli.command()
 @click.option("--model", default=None, help="A model card name or local folder (default: the recipe's model).")
 @click.option("--recipe", default="chat-lora", show_default=True)
-@click.option("--target", default="cpu-int4", show_default=True,
-              help="A target from `toolchain targets`, or auto: the smallest, then fastest, variant meeting every gate.")
+@click.option("--target", default=None,
+              help="A target from `toolchain targets`, or auto: the smallest, then fastest, variant meeting every gate "
+                   "(default: the recipe's `target`, else cpu-int4).")
 @click.option("--exporter", type=click.Choice(["genai", "optimum"]), default=None, help="Default: the model card's.")
 @click.option("--out", default="artifacts", show_default=True, type=click.Path())
 @click.option("--max-steps", type=int, default=None, help="Override the recipe's train.max_steps.")
@@ -162,13 +163,19 @@ def edge(model, recipe, target, exporter, out, max_steps, force, method, launche
         return _auto_exit(rep)
     h = rep["headline"]
     console.print(f"[bold green]artifact:[/bold green] {h['artifact']}  (report: {h['artifact']}/report.md)")
-    if rep["validated"]:
-        console.print(f"  decode {h['decode_tok_s']:.1f} tok/s   size {h['size_mb']:.1f} MB vs fp32 {h['fp32_size_mb']:.1f} MB "
-                      f"({h['fp32_size_mb'] / h['size_mb']:.1f}x smaller)   Δperplexity vs fp32 {h['delta_perplexity_vs_fp32_pct']:+.2f}%")
+    if h.get("kind") == "encoder":
+        console.print(f"  latency per sequence p50 {h['latency_ms_p50']:.2f} ms, p95 {h['latency_ms_p95']:.2f} ms   "
+                      f"size {h['size_mb']:.1f} MB vs fp32 {h['fp32_size_mb']:.1f} MB")
         console.print(f"  {h['metric']}: base torch {h['base_torch']:.3f}   tuned torch {h['tuned_torch']:.3f}   "
-                      f"{rep['target']} {h['artifact_metric']:.3f}")
-    else:
+                      f"fp32 ONNX {h['onnx_fp32']:.3f}   {rep['target']} {h['artifact_metric']:.3f}")
+        return _gates_exit(rep)
+    if not rep["validated"]:
         console.print(f"  size {h['size_mb']:.1f} MB vs fp32 {h['fp32_size_mb']:.1f} MB")
+        return _gates_exit(rep)
+    console.print(f"  decode {h['decode_tok_s']:.1f} tok/s   size {h['size_mb']:.1f} MB vs fp32 {h['fp32_size_mb']:.1f} MB "
+                  f"({h['fp32_size_mb'] / h['size_mb']:.1f}x smaller)   Δperplexity vs fp32 {h['delta_perplexity_vs_fp32_pct']:+.2f}%")
+    console.print(f"  {h['metric']}: base torch {h['base_torch']:.3f}   tuned torch {h['tuned_torch']:.3f}   "
+                  f"{rep['target']} {h['artifact_metric']:.3f}")
     _gates_exit(rep)
 
 
@@ -213,6 +220,7 @@ def validate(artifact, data, as_json):
     """Check an artifact on this machine (torch-free): integrity, latency, accuracy, gates.
 
     Exit 0: gates passed; 1: a gate missed; 2: bad input; 3: built, not validated here (the EP is missing)."""
+    from .runtime.metrics import FAMILIES
     from .runtime.validate import validate as run
 
     with err_console.status("validating (latency runs, then held-out accuracy)") as status:
@@ -221,13 +229,19 @@ def validate(artifact, data, as_json):
     (Path(artifact) / "report.json").write_text(json.dumps(rep, indent=2))
     if as_json:
         click.echo(json.dumps(rep, indent=2))
-    elif rep["validated"]:
+    elif rep.get("validated", True):
         m = rep["measured"]
+        if rep.get("kind") == "encoder":
+            console.print(f"[bold]{rep['target']}[/bold] (encoder): latency per sequence p50 {m['latency_ms_p50']:.2f} ms, "
+                          f"p95 {m['latency_ms_p95']:.2f} ms, peak RSS {m['peak_rss_mb']:.0f} MB, size {m['size_mb']:.1f} MB")
+            console.print("  " + ", ".join(f"{k} {m[k]:.3f}" for k in rep["figures"]))
+            return _gates_exit(rep)
         console.print(f"[bold]{rep['target']}[/bold] on {rep['provider']}: decode {m['decode_tok_s_p50']:.1f} tok/s, "
                       f"TTFT p50 {m['ttft_ms_p50']:.0f} ms, prefill {m['prefill_tok_s']:.0f} tok/s, "
                       f"peak RSS {m['peak_rss_mb']:.0f} MB, size {m['size_mb']:.1f} MB")
+        figs = ["exact_match", *FAMILIES.get(rep.get("metric"), []), "token_agreement_fp32"]
         console.print(f"  perplexity {m['perplexity']:.3f}" + "".join(
-            f", {k} {m[k]:.3f}" for k in ("exact_match", "token_agreement_fp32") if k in m))
+            f", {k} {m[k]:.3f}" for k in dict.fromkeys(figs) if k in m))
     _gates_exit(rep, err_console if as_json else console)
 
 
@@ -255,6 +269,15 @@ def quantize(onnx_dir, target, out, recipe):
 
     rep = run(Path(onnx_dir), target, Path(out), load_recipe(recipe)[0].quantize if recipe else None)
     console.print(f"[bold]{target} written to {out}[/bold]  ({rep['size_mb']} MB, {rep['seconds']} s)")
+
+
+@cli.command()
+@click.option("--out", default="artifacts", show_default=True, type=click.Path(), help="Where `edge` wrote the artifacts.")
+def scenarios(out):
+    """Markdown table of every validated artifact: base / tuned torch / fp32 ONNX / artifact metric, speed, gates."""
+    from .report import scenario_table
+
+    click.echo(scenario_table(Path(out)))
 
 
 def main() -> None:

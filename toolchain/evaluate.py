@@ -47,10 +47,11 @@ def score(model, tok, recipe, ds: Dataset, desc: str = "eval") -> dict:
     nll, n = heldout_nll(model, ds.eval, tok.pad_token_id)
     out = {"eval_loss": nll / n, "perplexity": metrics.perplexity(nll, n), "eval_tokens": n}
     m = recipe.metric
-    if m.name == "exact_match":
+    if m.name in metrics.GENERATIVE:
         pairs = [p for p in (generation_pair(r, tok) for r in ds.eval_rows[: m.eval_limit]) if p]
         preds = generate(model, tok, [p for p, _ in pairs], m.max_new_tokens, m.batch_size, desc=desc)
-        out["exact_match"] = metrics.exact_match(preds, [r for _, r in pairs])
+        constraints = [metrics.parse_constraints(p) for p, _ in pairs] if m.name == "constraint_rate" else ()
+        out.update(metrics.task_scores(m.name, preds, [r for _, r in pairs], constraints))
         out["eval_examples"] = len(pairs)
         out["samples"] = [{"reference": r, "prediction": p} for (_, r), p in list(zip(pairs, preds))[:3]]
     return out

@@ -92,6 +92,9 @@ def prepare(model: Optional[str], recipe: str, out: Path = Path("artifacts"), ex
         rec.method.type = launch["method"]  # a --method override shows in the stage keys and the manifest
     model = model or rec.model
     src = resolve(model, model_path, trust_remote_code)  # fails fast, before any work
+    if rec.task == "ner":
+        raise ToolchainError(f"recipe '{rec.name}' labels tokens and runs on an encoder; model '{src.card.name}' is a "
+                             f"decoder. Use an encoder card (--model minilm-l6) or leave --model out")
     name = src.card.name
     run = Path(out) / f"{name}-{rec.name}"
     st = Stages(run, force)
@@ -173,15 +176,23 @@ def validate_artifact(r: Run, art: Path) -> dict:
         "delta_perplexity_vs_fp32_pct": 100 * (m["perplexity"] / fp32["perplexity"] - 1) if "perplexity" in m else None,
         "metric": metric, "base_torch": r.reference["torch_base"].get(metric),
         "tuned_torch": r.reference["torch_tuned"].get(metric), "artifact_metric": m.get(metric),
+        "onnx_fp32": fp32.get(metric),
     }
     return report
 
 
-def edge(model: Optional[str], recipe: str, target: str = "cpu-int4", out: Path = Path("artifacts"),
+def edge(model: Optional[str], recipe: str, target: Optional[str] = None, out: Path = Path("artifacts"),
          exporter: Optional[str] = None, max_steps: Optional[int] = None, model_path: Optional[str] = None,
          trust_remote_code: bool = False, force: bool = False, launch: Optional[dict] = None) -> dict:
     """Run every stage for one model, recipe and target ("auto": choose among candidates, see auto.py); returns the
     validation report plus headline figures."""
+    rec = load_recipe(recipe)[0]
+    target = target or rec.target or "cpu-int4"
+    src = resolve(model or rec.model, model_path, trust_remote_code)  # fails fast, before any work
+    if src.card.kind == "encoder":  # classify-encoder, ner: Optimum export, int8, no GenAI folder
+        from . import encoder
+
+        return encoder.edge(src, *load_recipe(recipe), target, Path(out), max_steps, force)
     if target != "auto":
         targets.get(target)  # an unknown target fails before any work
     r = prepare(model, recipe, out, exporter, max_steps, model_path, trust_remote_code, force, launch)

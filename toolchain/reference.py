@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from . import data as data_mod
 from .fsutil import atomic_dir
 from .hf import load_tokenizer
-from .runtime import genai
+from .runtime import genai, metrics
 from .runtime.validate import EVAL_FILE, accuracy
 
 
@@ -27,6 +27,8 @@ def reference(export_dir: Path, merged_dir: Path, recipe, recipe_file: Path, out
         pair = data_mod.generation_pair(row, tok)
         if pair and i < recipe.metric.eval_limit:
             r.update(prompt_ids=tok(pair[0], add_special_tokens=False)["input_ids"], reference=pair[1])
+            if recipe.metric.name == "constraint_rate":  # the device checks outputs against these, not the reference
+                r["constraints"] = metrics.parse_constraints(pair[0])
         rows.append(r)
     model, og_tok = genai.load(Path(export_dir))
     with tqdm(total=sum("prompt_ids" in r for r in rows), desc="fp32 ONNX reference generations") as bar:

@@ -97,7 +97,9 @@ class TrainSpec(Strict):
 
 
 class MetricSpec(Strict):
-    name: Literal["exact_match", "perplexity"]
+    # The headline metric; runtime/metrics.py FAMILIES lists the figures reported with each.
+    name: Literal["exact_match", "perplexity", "accuracy", "macro_f1", "chrf", "bleu", "token_f1", "constraint_rate",
+                  "entity_f1"]
     max_new_tokens: int = Field(48, gt=0)
     eval_limit: int = Field(64, gt=0)  # held-out examples scored by generation
     batch_size: int = Field(16, gt=0)
@@ -120,11 +122,13 @@ class Gates(Strict):
     max_perplexity_increase_pct: Optional[float] = Field(None, ge=0)  # vs the tuned torch model
     min_metric_fraction: Optional[float] = Field(None, gt=0, le=1)  # task metric as a fraction of tuned torch
     min_decode_tok_s: Optional[float] = Field(None, gt=0)
+    max_latency_ms_p95: Optional[float] = Field(None, gt=0)  # encoders: one sequence end to end, p95
 
 
 class Recipe(Strict):
     name: str
-    task: Literal["chat", "completion", "domain"]
+    # chat / completion / domain train a decoder; classify and ner may also name an encoder card (kind: encoder).
+    task: Literal["chat", "completion", "domain", "classify", "ner", "translate", "qa", "creative"]
     description: str = ""
     model: str = "smollm2-135m"  # the default model card for this recipe
     data: DataSpec
@@ -133,6 +137,7 @@ class Recipe(Strict):
     metric: MetricSpec
     quantize: QuantizeSpec = Field(default_factory=QuantizeSpec)
     gates: Gates = Field(default_factory=Gates)
+    target: Optional[str] = None  # the target `edge` builds when none is given (default cpu-int4; encoders cpu-int8)
 
 
 T = TypeVar("T", bound=BaseModel)

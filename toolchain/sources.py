@@ -138,4 +138,5 @@ def _card_for_folder(path: Path) -> ModelCard:
         license="see the folder",
         context_length=cfg.get("max_position_embeddings", 2048),
         lora_target_modules=twin.lora_target_modules if twin else ["all-linear"],
+        kind=twin.kind if twin else "decoder",  # a BERT folder takes the encoder path, like the minilm-l6 card
     )

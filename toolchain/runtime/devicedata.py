@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from ..data import ChatRow, CompletionRow, read_jsonl
+from .metrics import parse_constraints
 
 
 def _ids(tok, text: str) -> list[int]:
@@ -25,11 +26,11 @@ def tokenize_rows(path: Path, tok) -> list[dict]:
             full = tok.apply_chat_template(json.dumps(msgs[: last + 1]), add_generation_prompt=False)
             p_ids, ids = _ids(tok, prompt), _ids(tok, full)
             out.append({"input_ids": ids, "labels": [-100] * len(p_ids) + ids[len(p_ids):], "prompt_ids": p_ids,
-                        "reference": msgs[last]["content"]})
+                        "reference": msgs[last]["content"], "constraints": parse_constraints(prompt)})
         elif isinstance(row, CompletionRow):
             p_ids, ids = _ids(tok, row.prompt), _ids(tok, row.prompt + row.completion)
             out.append({"input_ids": ids, "labels": [-100] * len(p_ids) + ids[len(p_ids):], "prompt_ids": p_ids,
-                        "reference": row.completion})
+                        "reference": row.completion, "constraints": parse_constraints(row.prompt)})
         else:
             ids = _ids(tok, row.text)
             out.append({"input_ids": ids, "labels": ids})

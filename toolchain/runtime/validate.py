@@ -59,7 +59,7 @@ def accuracy(model, tok, rows: list[dict], metric: str, max_new_tokens: int, pro
     out = {"perplexity": metrics.perplexity(nll, n), "eval_tokens": n}
     gen_rows = [r for r in rows if "prompt_ids" in r]
     generated = []
-    if gen_rows and metric == "exact_match":
+    if gen_rows and metric in metrics.GENERATIVE:
         agree = []
         for i, r in enumerate(gen_rows):
             generated.append(genai.generate(model, r["prompt_ids"], max_new_tokens).tokens)
@@ -68,7 +68,8 @@ def accuracy(model, tok, rows: list[dict], metric: str, max_new_tokens: int, pro
             if progress:
                 progress(i + 1, len(gen_rows))
         preds = [tok.decode(t) for t in generated]
-        out["exact_match"] = metrics.exact_match(preds, [r["reference"] for r in gen_rows])
+        out.update(metrics.task_scores(metric, preds, [r["reference"] for r in gen_rows],
+                                       [r.get("constraints", {}) for r in gen_rows]))
         out["eval_examples"] = len(gen_rows)
         if agree:
             out["token_agreement_fp32"] = sum(agree) / len(agree)
@@ -84,11 +85,15 @@ def check_gates(gates: dict, measured: dict, reference: dict, metric: str) -> li
         inc = 100 * (measured["perplexity"] / ref["perplexity"] - 1)
         out.append({"gate": "max_perplexity_increase_pct", "limit": gates["max_perplexity_increase_pct"],
                     "value": inc, "passed": inc <= gates["max_perplexity_increase_pct"]})
-    if "min_metric_fraction" in gates and metric in ref and metric in measured:
+    if "min_metric_fraction" in gates and metric in ref and metric in measured and metric not in metrics.LOWER_IS_BETTER:
         frac = measured[metric] / ref[metric] if ref[metric] else float("inf")
         out.append({"gate": "min_metric_fraction", "limit": gates["min_metric_fraction"], "value": frac,
                     "passed": frac >= gates["min_metric_fraction"]})
-    if "min_decode_tok_s" in gates:
+    if "max_latency_ms_p95" in gates and "latency_ms_p95" in measured:
+        v = measured["latency_ms_p95"]
+        out.append({"gate": "max_latency_ms_p95", "limit": gates["max_latency_ms_p95"], "value": v,
+                    "passed": v <= gates["max_latency_ms_p95"]})
+    if "min_decode_tok_s" in gates and "decode_tok_s_p50" in measured:
         v = measured["decode_tok_s_p50"]
         out.append({"gate": "min_decode_tok_s", "limit": gates["min_decode_tok_s"], "value": v,
                     "passed": v >= gates["min_decode_tok_s"]})
@@ -126,13 +131,18 @@ def validate(folder: Path, data: Optional[Path] = None, progress=None) -> dict:
     """The report. status: "passed", "gates_missed", or "not_validated" (EP missing here: never a pass)."""
     folder = Path(folder)
     man = manifest.verify(folder)
+    if man.get("model_card", {}).get("kind") == "encoder":  # ONNX + tokenizers, no GenAI folder
+        from .encoder import validate as validate_encoder
+
+        return validate_encoder(folder, man, data, progress)
     target = man["target"]
     base = {"artifact": str(folder), "target": target["name"], "ep": target.get("ep", "CPUExecutionProvider"),
             "precision": target.get("precision"), "reference": man.get("reference", {}),
             "host": {"python": sys.version.split()[0]}}
     provider, note = pick_provider(target)
     if provider is None:
-        return {**base, "provider": None, "validated": False, "status": "not_validated", "reason": note,
+        return {**base, "provider": None, "metric": man["recipe"]["metric"]["name"], "validated": False,
+                "status": "not_validated", "reason": note,
                 "measured": {"size_mb": _size_mb(folder, man)}, "gates": [], "passed": False}
     model, tok = genai.load(folder, provider, target.get("provider_options") if provider != "cpu" else None)
     rows = _rows(folder, data, tok)
@@ -149,7 +159,7 @@ def validate(folder: Path, data: Optional[Path] = None, progress=None) -> dict:
         gate_spec.pop("min_decode_tok_s")
     gates = check_gates(gate_spec, measured, base["reference"], rec["metric"]["name"]) if data is None else []
     passed = all(g["passed"] for g in gates)
-    out = {**base, "provider": provider, "validated": True, "status": "passed" if passed else "gates_missed",
+    out = {**base, "provider": provider, "metric": rec["metric"]["name"], "validated": True, "status": "passed" if passed else "gates_missed",
            "data": str(data) if data else EVAL_FILE, "measured": measured, "gates": gates, "passed": passed,
            "seconds": round(time.time() - t0, 1)}
     if note:

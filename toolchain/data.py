@@ -10,7 +10,6 @@ is exact for any fast tokenizer and chat template.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from .errors import ToolchainError
+from .runtime import jsonl
 
 IGNORE = -100
 
@@ -59,16 +59,8 @@ SHAPES = {"messages": ChatRow, "prompt": CompletionRow, "text": TextRow}
 
 def read_jsonl(path: Path) -> list[Row]:
     """Every line validated; the first bad one fails with `file:line: what is wrong`."""
-    if not path.is_file():
-        raise ToolchainError(f"{path}: data file not found")
     rows, shape = [], None
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ToolchainError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+    for n, obj in jsonl.objects(path):
         if not isinstance(obj, dict):
             raise ToolchainError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
         key = next((k for k in SHAPES if k in obj), None)

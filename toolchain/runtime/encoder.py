@@ -12,7 +12,6 @@ Tokenizing and decoding live here and nowhere else: the torch side (toolchain/en
 """
 from __future__ import annotations
 
-import json
 import resource
 import statistics
 import time
@@ -22,7 +21,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..errors import ToolchainError
-from . import metrics
+from . import jsonl, metrics
 
 EVAL_FILE = "eval.jsonl"
 TOKENIZER = "tokenizer.json"
@@ -32,18 +31,9 @@ MODEL = "model.onnx"
 def read_rows(path: Path, task: str) -> list[dict]:
     """Classification rows {"text": str, "label": str} or NER rows {"tokens": [str], "tags": [str]} (same length);
     the first bad line fails with `file:line: what is wrong`."""
-    path = Path(path)
-    if not path.is_file():
-        raise ToolchainError(f"{path}: data file not found")
     want = ("text", "label") if task == "classify" else ("tokens", "tags")
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ToolchainError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+    for n, obj in jsonl.objects(path):
         if not isinstance(obj, dict) or set(obj) != set(want):
             raise ToolchainError(f"{path}:{n}: a {task} row needs exactly the keys {list(want)}")
         if task == "classify":

@@ -8,6 +8,7 @@ live in recipes/deepspeed/; the batch sizes, learning rate and clipping come fro
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -118,17 +119,9 @@ def trained_state(engine) -> dict:
 
     named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
     ctx = deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None) \
-        if engine.zero_optimization_stage() == 3 else _nullcontext()
+        if engine.zero_optimization_stage() == 3 else contextlib.nullcontext()
     with ctx:
         return {n: p.detach().clone().float() for n, p in named}
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def main() -> None:

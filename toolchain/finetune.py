@@ -12,6 +12,7 @@ Under `--launcher deepspeed` the same function runs in every rank (see distribut
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -57,13 +58,14 @@ def _lr_at(step: int, spec) -> float:
 def step_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
     """The examples of optimizer step `step`: a fresh seeded permutation each epoch, read in order. A pure
     function of the step, so a resumed run and each DeepSpeed rank see exactly what an uninterrupted run sees."""
-    out = []
-    for pos in range(step * batch_size, (step + 1) * batch_size):
-        epoch, i = divmod(pos, n)
-        perm = list(range(n))
-        random.Random(seed * 100_003 + epoch).shuffle(perm)
-        out.append(perm[i])
-    return out
+    return [_epoch_order(n, seed, pos // n)[pos % n] for pos in range(step * batch_size, (step + 1) * batch_size)]
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    perm = list(range(n))
+    random.Random(seed * 100_003 + epoch).shuffle(perm)
+    return tuple(perm)
 
 
 def micro_batches(indices: list[int], rank: int, world: int, accum: int) -> list[list[int]]:
@@ -129,9 +131,10 @@ def finetune(model: str, recipe: str, out: Path, data: Optional[Path] = None, ma
     results = state["results"] if state else {"model": src.card.name, "recipe": rec.name, "metric": rec.metric.name,
                                               "method": method.type}
     seed_everything(spec.seed)
-    net = load_causal_lm(src.path, trust_remote_code)
-    if evaluate and lead and "base" not in results:
-        results["base"] = _base_score(net, tok, rec, ds, src)
+    net = None if method.type == "qlora" else load_causal_lm(src.path, trust_remote_code)
+    if evaluate and lead and "base" not in results:  # the base is the fp32 model, whatever trains on top of it
+        results["base"] = _base_score(lambda: net if net is not None else load_causal_lm(src.path, trust_remote_code),
+                                      tok, rec, ds, src)
     if method.type == "qlora":
         net = methods.load_nf4(src.path, method, trust_remote_code)
     net = methods.trainable(net, method, src.card.lora_target_modules, bf16, spec.gradient_checkpointing)
@@ -227,18 +230,22 @@ def _fresh(src, method, trust_remote_code: bool, state_dict: dict):
     return net.eval()
 
 
-def _base_score(net, tok, rec, ds, src) -> dict:
+def _weights_stamp(src) -> str:
+    """The base weights by path, size and modification time: cheap, and changes when the files do."""
+    return "".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns};" for f in sorted(src.path.glob("*.safetensors")))
+
+
+def _base_score(load_base, tok, rec, ds, src) -> dict:
     """The base model's held-out scores, cached by what they depend on (weights, tokenized eval split, metric):
-    every method and run of a recipe shares them."""
+    every method and run of a recipe shares them. load_base() gives the fp32 base when they must be computed."""
     h = hashlib.sha256(json.dumps([ds.eval, [r.model_dump() for r in ds.eval_rows], rec.metric.model_dump()],
                                   sort_keys=True).encode())
-    for f in sorted(src.path.glob("*.safetensors")):
-        h.update(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
+    h.update(_weights_stamp(src).encode())
     cache = home() / "evals" / f"base-{h.hexdigest()[:16]}.json"
     if cache.is_file():
         print(f"base model scores: cached in {cache}", flush=True)
         return json.loads(cache.read_text())
-    scores = score(net, tok, rec, ds, desc="base model eval")
+    scores = score(load_base(), tok, rec, ds, desc="base model eval")
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(scores))
@@ -250,6 +257,5 @@ def _run_key(src, rec, ds, world: int, zero) -> str:
     """What a checkpoint must match to be resumed: model weights, recipe, tokenized data, ranks."""
     h = hashlib.sha256(json.dumps([src.card.name, str(src.path), rec.model_dump(), ds.train, world, zero],
                                   sort_keys=True, default=str).encode())
-    for f in sorted(src.path.glob("*.safetensors")):
-        h.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
+    h.update(_weights_stamp(src).encode())
     return h.hexdigest()[:16]

@@ -68,8 +68,9 @@ def merge(model: str, adapter: Path, out: Path, model_path: Optional[str] = None
     diff = float((before - after).abs()[mask].max()) if before is not None else 0.0
     report = {"model": src.card.name, "adapter": str(adir), "max_abs_logit_diff": diff, "tolerance": TOLERANCE,
               "prompts": len(PROMPTS), "passed": diff <= TOLERANCE}
-    if _method(adir) == "qlora":
-        report["qlora"] = qlora_merge_cost(src, adir, tok, merged, batch, trust_remote_code)
+    rec = _trained_recipe(adir)
+    if rec and rec.method.type == "qlora":
+        report["qlora"] = qlora_merge_cost(src, adir, rec, tok, merged, batch, trust_remote_code)
     if diff > TOLERANCE:
         raise ToolchainError(f"merge parity failed: max |logit diff| {diff:.2e} > {TOLERANCE:.0e} between base+adapter "
                              f"and the merged model; nothing written to {out}")
@@ -80,12 +81,15 @@ def merge(model: str, adapter: Path, out: Path, model_path: Optional[str] = None
     return report
 
 
-def _method(adir: Path) -> Optional[str]:
+def _trained_recipe(adir: Path):
+    """The resolved recipe `toolchain finetune` wrote beside the adapter, if any."""
+    from .schema import Recipe
+
     f = adir.parent / "recipe.yaml"
-    return yaml.safe_load(f.read_text())["method"]["type"] if f.is_file() else None
+    return Recipe.model_validate(yaml.safe_load(f.read_text())) if f.is_file() else None
 
 
-def qlora_merge_cost(src, adir: Path, tok, merged, batch, trust_remote_code: bool) -> dict:
+def qlora_merge_cost(src, adir: Path, rec, tok, merged, batch, trust_remote_code: bool) -> dict:
     """How far the merged fp32 model is from what was trained (NF4 base + adapter): logits on the parity prompts,
     and the recipe's held-out metric of each."""
     from peft import PeftModel
@@ -93,9 +97,7 @@ def qlora_merge_cost(src, adir: Path, tok, merged, batch, trust_remote_code: boo
     from . import data as data_mod
     from .evaluate import score
     from .methods import load_nf4
-    from .schema import Recipe
 
-    rec = Recipe.model_validate(yaml.safe_load((adir.parent / "recipe.yaml").read_text()))
     nf4 = PeftModel.from_pretrained(load_nf4(src.path, rec.method, trust_remote_code), adir)
     nf4.eval()
     a, b = _logits(nf4, batch), _logits(merged, batch)

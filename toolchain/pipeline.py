@@ -79,8 +79,9 @@ class Run:
 
 def prepare(model: Optional[str], recipe: str, out: Path = Path("artifacts"), exporter: Optional[str] = None,
             max_steps: Optional[int] = None, model_path: Optional[str] = None, trust_remote_code: bool = False,
-            force: bool = False, launch: Optional[dict] = None) -> Run:
-    """finetune -> merge -> export (fp32) -> reference, each reused when its inputs are unchanged."""
+            force: bool = False, launch: Optional[dict] = None, src=None) -> Run:
+    """finetune -> merge -> export (fp32) -> reference, each reused when its inputs are unchanged. `src`: the
+    model already resolved by the caller."""
     from .export import export
     from .finetune import finetune
     from .merge import merge
@@ -91,7 +92,7 @@ def prepare(model: Optional[str], recipe: str, out: Path = Path("artifacts"), ex
     if launch.get("method"):
         rec.method.type = launch["method"]  # a --method override shows in the stage keys and the manifest
     model = model or rec.model
-    src = resolve(model, model_path, trust_remote_code)  # fails fast, before any work
+    src = src or resolve(model, model_path, trust_remote_code)  # fails fast, before any work
     if rec.task == "ner":
         raise ToolchainError(f"recipe '{rec.name}' labels tokens and runs on an encoder; model '{src.card.name}' is a "
                              f"decoder. Use an encoder card (--model minilm-l6) or leave --model out")
@@ -186,16 +187,16 @@ def edge(model: Optional[str], recipe: str, target: Optional[str] = None, out: P
          trust_remote_code: bool = False, force: bool = False, launch: Optional[dict] = None) -> dict:
     """Run every stage for one model, recipe and target ("auto": choose among candidates, see auto.py); returns the
     validation report plus headline figures."""
-    rec = load_recipe(recipe)[0]
+    rec, rec_file = load_recipe(recipe)
     target = target or rec.target or "cpu-int4"
     src = resolve(model or rec.model, model_path, trust_remote_code)  # fails fast, before any work
     if src.card.kind == "encoder":  # classify-encoder, ner: Optimum export, int8, no GenAI folder
         from . import encoder
 
-        return encoder.edge(src, *load_recipe(recipe), target, Path(out), max_steps, force)
+        return encoder.edge(src, rec, rec_file, target, Path(out), max_steps, force)
     if target != "auto":
         targets.get(target)  # an unknown target fails before any work
-    r = prepare(model, recipe, out, exporter, max_steps, model_path, trust_remote_code, force, launch)
+    r = prepare(model, recipe, out, exporter, max_steps, model_path, trust_remote_code, force, launch, src)
     if target == "auto":
         from .auto import auto
 

@@ -36,6 +36,7 @@ def test_tiny_phi3_int4_artifact(tiny_run):
     assert [s["stage"] for s in man["lineage"]] == ["finetune", "merged", "export-genai", "reference", "quantize-cpu-int4"]
     assert {"model.onnx", "genai_config.json", "tokenizer.json", "eval.jsonl"} <= set(man["files"])
     assert man["versions"]["onnxruntime-genai"] == "0.15.2" and "perplexity" in man["reference"]["torch_tuned"]
+    assert man["training"]["method"] == "lora" and man["training"]["ranks"] == 1 and man["training"]["zero"] is None
     assert (art / "report.md").read_text().startswith("# cpu-int4") and (art / "report.png").stat().st_size > 1000
     m = rep["measured"]
     assert m["decode_tok_s_p50"] > 0 and m["eval_examples"] == 8 and 0 <= m["token_agreement_fp32"] <= 1

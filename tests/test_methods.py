@@ -50,7 +50,14 @@ def test_each_method_trains_and_merges(method, tiny_phi3, tmp_path):
         assert 0 < q["max_abs_logit_diff_vs_nf4_plus_adapter"] < 1.0
         assert 0.5 <= q["top1_agreement_vs_nf4_plus_adapter"] <= 1.0
         assert q["nf4_plus_adapter"]["perplexity"] == pytest.approx(res["tuned"]["perplexity"], rel=1e-4)
-        assert q["merged_fp32"]["perplexity"] > 1
+        assert q["merged"]["perplexity"] > 1 and q["merged_into"].startswith("fp32 base")
+        # the other choice, merged into the dequantized NF4 weights, reproduces what was trained (bf16 compute aside)
+        deq = q["merged_into_dequantized"]["perplexity"]
+        assert abs(deq - q["nf4_plus_adapter"]["perplexity"]) < abs(q["merged"]["perplexity"] - q["nf4_plus_adapter"]["perplexity"])
+        rep2 = merge(str(tiny_phi3), ft, tmp_path / "merged-deq", merge_into="dequantized")
+        assert rep2["passed"] and rep2["qlora"]["merged_into"].startswith("NF4 base dequantized")
+        assert rep2["qlora"]["max_abs_logit_diff_vs_nf4_plus_adapter"] < q["max_abs_logit_diff_vs_nf4_plus_adapter"]
+        assert "quantization_config" not in json.loads((tmp_path / "merged-deq/config.json").read_text())
 
 
 def test_bf16_base_trains_fp32_adapters_and_tracks_fp32(tiny_phi3, tmp_path):

@@ -128,13 +128,17 @@ def finetune(model, recipe, data, max_steps, out, no_eval, method, launcher, npr
 @model_opt
 @click.option("--adapter", required=True, type=click.Path(), help="The folder `toolchain finetune` wrote.")
 @click.option("--out", required=True, type=click.Path(), help="Output HF folder (written atomically).")
+@click.option("--merge-into", type=click.Choice(["base", "dequantized"]), default=None,
+              help="QLoRA: merge into the fp32 base, or into the NF4 base dequantized to fp32 (default: the recipe's "
+                   "method.merge_into).")
 @path_opt
 @trust_opt
-def merge(model, adapter, out, model_path, trust_remote_code):
+def merge(model, adapter, out, merge_into, model_path, trust_remote_code):
     """Merge a LoRA adapter into the full-precision base; fail if logits move by more than 1e-3."""
     from .merge import merge as run
 
-    rep = run(model, Path(adapter), Path(out), model_path=model_path, trust_remote_code=trust_remote_code)
+    rep = run(model, Path(adapter), Path(out), model_path=model_path, trust_remote_code=trust_remote_code,
+              merge_into=merge_into)
     console.print(f"[bold]merged model written to {out}[/bold]  max |logit diff| vs base+adapter: "
                   f"{rep['max_abs_logit_diff']:.2e} (limit {rep['tolerance']:.0e})")
 

@@ -43,7 +43,9 @@ def _logits(model, batch) -> torch.Tensor:
     return model(**batch).logits.float()
 
 
-def merge(model: str, adapter: Path, out: Path, model_path: Optional[str] = None, trust_remote_code: bool = False) -> dict:
+def merge(model: str, adapter: Path, out: Path, model_path: Optional[str] = None, trust_remote_code: bool = False,
+          merge_into: Optional[str] = None) -> dict:
+    """merge_into overrides the trained recipe's method.merge_into (QLoRA only)."""
     from peft import PeftModel
 
     adir = adapter_dir(adapter)
@@ -57,10 +59,15 @@ def merge(model: str, adapter: Path, out: Path, model_path: Optional[str] = None
     tok.padding_side = "right"
     batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     mask = batch["attention_mask"].bool()
+    rec = _trained_recipe(adir)
+    qlora = rec is not None and rec.method.type == "qlora"
+    if qlora and merge_into:
+        rec.method.merge_into = merge_into
     if not (adir / "adapter_config.json").is_file():  # a full fine-tune: the weights are the model
         merged, before = load_causal_lm(adir, trust_remote_code), None
     else:
-        peft_model = PeftModel.from_pretrained(load_causal_lm(src.path, trust_remote_code), adir)
+        peft_model = PeftModel.from_pretrained(_merge_base(src, rec, trust_remote_code) if qlora else
+                                               load_causal_lm(src.path, trust_remote_code), adir)
         peft_model.eval()
         before = _logits(peft_model, batch)
         merged = peft_model.merge_and_unload()
@@ -68,8 +75,7 @@ def merge(model: str, adapter: Path, out: Path, model_path: Optional[str] = None
     diff = float((before - after).abs()[mask].max()) if before is not None else 0.0
     report = {"model": src.card.name, "adapter": str(adir), "max_abs_logit_diff": diff, "tolerance": TOLERANCE,
               "prompts": len(PROMPTS), "passed": diff <= TOLERANCE}
-    rec = _trained_recipe(adir)
-    if rec and rec.method.type == "qlora":
+    if qlora:
         report["qlora"] = qlora_merge_cost(src, adir, rec, tok, merged, batch, trust_remote_code)
     if diff > TOLERANCE:
         raise ToolchainError(f"merge parity failed: max |logit diff| {diff:.2e} > {TOLERANCE:.0e} between base+adapter "
@@ -89,9 +95,20 @@ def _trained_recipe(adir: Path):
     return Recipe.model_validate(yaml.safe_load(f.read_text())) if f.is_file() else None
 
 
+def _merge_base(src, rec, trust_remote_code: bool):
+    """The full-precision model a QLoRA adapter is merged into (recipe key method.merge_into): the fp32 base, or
+    the NF4 weights it trained on dequantized to fp32. Never the 4-bit weights themselves."""
+    if rec.method.merge_into == "base":
+        return load_causal_lm(src.path, trust_remote_code)
+    from .methods import load_nf4
+
+    return load_nf4(src.path, rec.method, trust_remote_code).dequantize().to(torch.float32).eval()
+
+
 def qlora_merge_cost(src, adir: Path, rec, tok, merged, batch, trust_remote_code: bool) -> dict:
-    """How far the merged fp32 model is from what was trained (NF4 base + adapter): logits on the parity prompts,
-    and the recipe's held-out metric of each."""
+    """How far the merged model is from what was trained (NF4 base + adapter): logits on the parity prompts, and
+    the recipe's held-out metric of the trained model, of the merged one and of the merge into the other base, so
+    the user sees what merging cost and what method.merge_into would change."""
     from peft import PeftModel
 
     from . import data as data_mod
@@ -103,11 +120,16 @@ def qlora_merge_cost(src, adir: Path, rec, tok, merged, batch, trust_remote_code
     a, b = _logits(nf4, batch), _logits(merged, batch)
     mask = batch["attention_mask"].bool()
     ds = data_mod.load(rec, adir.parent / "recipe.yaml", tok)
-    s_nf4, s_merged = score(nf4, tok, rec, ds, desc="NF4 base + adapter"), score(merged, tok, rec, ds, desc="merged fp32")
     keep = ("perplexity", rec.metric.name)
-    return {"merged_into": "fp32 base (not the NF4 weights the adapter was trained on)",
+    pick = lambda s: {k: s[k] for k in keep if k in s}  # noqa: E731
+    other = rec.model_copy(deep=True)
+    other.method.merge_into = "dequantized" if rec.method.merge_into == "base" else "base"
+    alt = PeftModel.from_pretrained(_merge_base(src, other, trust_remote_code), adir).merge_and_unload().eval()
+    names = {"base": "fp32 base", "dequantized": "NF4 base dequantized to fp32"}
+    return {"merged_into": names[rec.method.merge_into] + " (method.merge_into: " + rec.method.merge_into + ")",
             "max_abs_logit_diff_vs_nf4_plus_adapter": float((a - b).abs()[mask].max()),
             "mean_abs_logit_diff_vs_nf4_plus_adapter": float((a - b).abs()[mask].mean()),
             "top1_agreement_vs_nf4_plus_adapter": float((a.argmax(-1) == b.argmax(-1))[mask].float().mean()),
-            "nf4_plus_adapter": {k: s_nf4[k] for k in keep if k in s_nf4},
-            "merged_fp32": {k: s_merged[k] for k in keep if k in s_merged}}
+            "nf4_plus_adapter": pick(score(nf4, tok, rec, ds, desc="NF4 base + adapter")),
+            "merged": pick(score(merged, tok, rec, ds, desc="merged")),
+            f"merged_into_{other.method.merge_into}": pick(score(alt, tok, rec, ds, desc=f"merged into {names[other.method.merge_into]}"))}

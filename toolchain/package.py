@@ -3,7 +3,8 @@
     <target>/  the onnxruntime-genai folder (model, genai_config.json, tokenizer, chat template)
                eval.jsonl      the held-out split, tokenized, with the fp32 ONNX model's greedy tokens
                manifest.json   card, resolved recipe, package versions, input hashes, sha256 of every file,
-                               stage lineage, reference metrics (torch base/tuned, fp32 ONNX)
+                               stage lineage, how it was trained (method, precision, ranks, ZeRO stage),
+                               reference metrics (torch base/tuned, fp32 ONNX)
 Reports (report.json, report.md, report.png) are added by validation and are not hashed.
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ def versions() -> dict[str, str]:
 
 
 def package(quantized: Path, eval_file: Path, out: Path, card: dict, recipe: dict, target: dict,
-            lineage: list[dict], reference: dict, inputs: dict) -> Path:
+            lineage: list[dict], reference: dict, inputs: dict, training: dict) -> Path:
     """Copy the quantized folder and the tokenized eval split into `out`, then write manifest.json last."""
     with atomic_dir(Path(out)) as tmp:
         for p in Path(quantized).iterdir():
@@ -46,7 +47,7 @@ def package(quantized: Path, eval_file: Path, out: Path, card: dict, recipe: dic
         manifest = {
             "format": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "model_card": card, "recipe": recipe, "target": target, "versions": versions(), "inputs": inputs,
-            "lineage": lineage, "reference": reference, "files": man_mod.file_hashes(tmp),
+            "training": training, "lineage": lineage, "reference": reference, "files": man_mod.file_hashes(tmp),
         }
         (tmp / man_mod.MANIFEST).write_text(json.dumps(manifest, indent=2))
     return Path(out)

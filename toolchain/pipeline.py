@@ -74,6 +74,7 @@ class Run:
     rf_dir: Path
     rf_key: str
     reference: dict
+    training: dict
     base_lineage: list
 
 
@@ -101,22 +102,26 @@ def prepare(model: Optional[str], recipe: str, out: Path = Path("artifacts"), ex
     st = Stages(run, force)
     weights = sorted(src.path.glob("*.safetensors")) + [src.path / "config.json"]
     data_files = [rec_file.parent / f for f in (rec.data.train, rec.data.eval) if f]
-    ft_in = {"model": name, "weights": _files_hash(weights), "recipe": rec.model_dump(include={"data", "method", "train", "metric"}),
+    trained = rec.model_dump(include={"data", "method", "train", "metric"})
+    trained["method"].pop("merge_into")  # a merge setting: changes the merged stage, not the fine-tune
+    ft_in = {"model": name, "weights": _files_hash(weights), "recipe": trained,
              "data": _files_hash(data_files), "max_steps": max_steps}
     if launch.get("launcher", "none") != "none":
         ft_in["launch"] = launch
     ft_dir, ft_key, ft = st.run("finetune", ft_in, lambda o: finetune(model, recipe, o, max_steps=max_steps,
                                 model_path=model_path, trust_remote_code=trust_remote_code, **launch))
-    mg_dir, mg_key, _ = st.run("merged", {"finetune": ft_key}, lambda o: merge(model, ft_dir, o, model_path=model_path,
-                               trust_remote_code=trust_remote_code))
+    merge_into = rec.method.merge_into if rec.method.type == "qlora" else None
+    mg_dir, mg_key, _ = st.run("merged", {"finetune": ft_key, "merge_into": merge_into}, lambda o: merge(
+        model, ft_dir, o, model_path=model_path, trust_remote_code=trust_remote_code, merge_into=merge_into))
     exporter = exporter or src.card.exporter
     ex_dir, ex_key, _ = st.run(f"export-{exporter}", {"merged": mg_key, "exporter": exporter},
                                lambda o: export(mg_dir, o, exporter=exporter, trust_remote_code=trust_remote_code))
     rf_dir, rf_key, fp32 = st.run("reference", {"export": ex_key, "recipe": rec.model_dump(include={"data", "metric"})},
                                   lambda o: reference(ex_dir, mg_dir, rec, rec_file, o))
     reference_figs = {"torch_base": _strip(ft.get("base")), "torch_tuned": _strip(ft.get("tuned")), "onnx_fp32": fp32}
+    training = {"method": ft.get("method", rec.method.type), **(ft.get("train") or {})}  # ranks, ZeRO stage, precision
     return Run(st, run, src.card.model_dump(), rec, rec_file, exporter, trust_remote_code, ft_key, ft_in, mg_dir, mg_key,
-               ex_dir, ex_key, rf_dir, rf_key, reference_figs, list(st.lineage))
+               ex_dir, ex_key, rf_dir, rf_key, reference_figs, training, list(st.lineage))
 
 
 def build_target(r: Run, target: str, spec=None, name: Optional[str] = None, out: Optional[Path] = None) -> Path:
@@ -157,7 +162,7 @@ def build_target(r: Run, target: str, spec=None, name: Optional[str] = None, out
     art, _, _ = r.st.run(name if out is None else f"artifact-{name}", {"quantize": q_key, "reference": r.rf_key,
                          "finetune": r.ft_key, "recipe": r.recipe.model_dump()}, out=out or r.root / name, fn=lambda o: {
         "path": str(package(q_dir, r.rf_dir / "eval.jsonl", o, r.card, r.recipe.model_dump(), desc, lineage,
-                            r.reference, {"weights": r.ft_in["weights"], "data": r.ft_in["data"]}))})
+                            r.reference, {"weights": r.ft_in["weights"], "data": r.ft_in["data"]}, r.training))})
     return art
 
 

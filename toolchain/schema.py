@@ -81,6 +81,9 @@ class MethodSpec(Strict):
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
     compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    # what a QLoRA adapter is merged into: the full-precision base ("base"), or the NF4 weights it trained on,
+    # dequantized to full precision ("dequantized": no 4-bit rounding of the adapter, but the base's NF4 error stays)
+    merge_into: Literal["base", "dequantized"] = "base"
 
 
 class TrainSpec(Strict):

@@ -67,9 +67,10 @@ def tiny_recipe_file(folder: Path, **overrides) -> Path:
     rec = yaml.safe_load((REPO / "recipes/chat-lora.yaml").read_text())
     data = REPO / "recipes/data/chat-lora"
     rec["data"].update(train=str(data / "train.jsonl"), eval=str(data / "eval.jsonl"))
-    rec["train"].update(max_steps=4, batch_size=4)
+    rec["train"].update(max_steps=4, batch_size=4, bf16="off")
     rec["metric"].update(eval_limit=8, batch_size=8)
     rec.update(overrides)
+    rec["train"].setdefault("bf16", "off")  # the same fp32 run on every host; a test that wants bf16 says "on"
     p = folder / "chat-lora.yaml"  # the recipe's name stays chat-lora
     p.write_text(yaml.safe_dump(rec))
     return p

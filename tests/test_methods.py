@@ -155,3 +155,11 @@ def test_base_scores_are_computed_once_per_model_and_eval_split(tiny_phi3, tmp_p
     b = finetune(str(tiny_phi3), str(rec), tmp_path / "b", method="rslora")
     assert calls == ["base model eval", "tuned model eval", "tuned model eval"]
     assert a["base"] == b["base"] and b["method"] == "rslora"
+
+
+def test_cpu_training_uses_eager_attention(tiny_phi3):
+    from toolchain import methods
+    from toolchain.schema import MethodSpec
+
+    net = methods.trainable(load_causal_lm(tiny_phi3), MethodSpec(), None, bf16_base=False, checkpointing=False)
+    assert net.base_model.model.config._attn_implementation == "eager"  # the CPU SDPA backward is slow (methods.py)

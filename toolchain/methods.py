@@ -46,6 +46,8 @@ def trainable(net, method: MethodSpec, default_targets, bf16_base: bool, checkpo
     trained weights stay fp32 (PEFT computes the adapter in its own dtype)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
+    if not torch.cuda.is_available():
+        _eager_attention(net)
     if method.type == "full":
         if bf16_base:
             raise ToolchainError("recipe key 'train.bf16': a full fine-tune trains every weight in fp32; set bf16: off")
@@ -63,3 +65,12 @@ def trainable(net, method: MethodSpec, default_targets, bf16_base: bool, checkpo
     if bf16_base and method.type != "qlora":
         net.to(torch.bfloat16)
     return get_peft_model(net, lora_config(method, default_targets))
+
+
+def _eager_attention(net) -> None:
+    """Plain matmul attention for training on a CPU. Measured on SmolLM2 (batch 8 x ~113 tokens, one thread, torch
+    profiler): the CPU SDPA flash kernel's backward took 23% of a LoRA step, eager's bmm + softmax 8%. Same math."""
+    try:
+        net.set_attn_implementation("eager")
+    except (AttributeError, ValueError):
+        pass  # a model without the switch keeps its own attention

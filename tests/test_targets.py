@@ -32,6 +32,7 @@ def test_targets_listing():
     if not HAS_CUDA:
         assert rows["cuda-fp16"]["validate_here"] == "no (CUDAExecutionProvider unavailable)"
     assert rows["npu-qdq"]["validate_here"].startswith(("yes", "accuracy, on CPUExecutionProvider"))
+    assert rows["npu-qdq"]["gates"] == {"min_token_agreement_fp32": 0.9} and rows["cpu-int4"]["gates"] == {}
     assert "webgpu-int4" in _cli("targets").stdout
 
 

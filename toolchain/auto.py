@@ -75,6 +75,11 @@ def choose(cands: list[dict]) -> dict:
         others = ", ".join(f"{c['name']} {c['decode_tok_s']:.1f}" for c in ties if c is not pick)
         reason += (f"; fastest ({pick['decode_tok_s']:.1f} decode tok/s) of those within {SIZE_TIE:.0%} of that size "
                    f"({others})")
+    if pick["gates"]:
+        reason += "; its figures: " + ", ".join(f"{g['gate']} {g['value']:.3f} (limit {g['limit']})" for g in pick["gates"])
+    larger = sorted((c for c in ok if c not in ties), key=lambda c: c["size_mb"])
+    if larger:
+        reason += f"; the next passing variant, {larger[0]['name']}, is {larger[0]['size_mb']:.1f} MB"
     return {"pick": pick["name"], "reason": reason, "rejected": rejected,
             "qualified": [c["name"] for c in sorted(ok, key=lambda c: (c["size_mb"], -(c["decode_tok_s"] or 0)))]}
 

@@ -150,7 +150,7 @@ def auto_markdown(out: dict) -> str:
                      f"{_fmt(c['perplexity'])} | {_fmt(c.get(metric))} | {res} |")
     if out["rejected"]:
         lines += ["", "Rejected, with the gate(s) each missed:", ""] + [
-            f"- {r['name']}: " + (", ".join(f"`{g}`" for g in r["missed"]) + f" ({r['why']})" if r["missed"] else r["why"])
+            f"- {r['name']}: " + (f"missed {r['why']}" if r["missed"] else r["why"])
             for r in out["rejected"]]
     if out.get("dropped"):
         lines += ["", "Not built (left out of the candidate list):", ""] + [f"- {k}: {v}" for k, v in out["dropped"].items()]

@@ -177,7 +177,7 @@ def quantize_qdq(export_dir: Path, calib_seqs: list[list[int]], out: Path) -> di
         if on_kv:
             raise ToolchainError(f"npu-qdq: {on_kv} Q/DQ nodes on the KV cache inputs/outputs after excluding "
                                  f"{len(excluded)} nodes; decode would read a mis-calibrated cache")
-        ops = Counter(n.op_type for n in q.graph.node)
+        ops, kept = Counter(n.op_type for n in q.graph.node), set(excluded)
         dq_out = {o for n in q.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
         compute = [n for n in q.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear", "Constant")]
         fed = Counter(n.op_type for n in compute if any(i in dq_out for i in n.input))
@@ -189,7 +189,7 @@ def quantize_qdq(export_dir: Path, calib_seqs: list[list[int]], out: Path) -> di
                   "preprocessed": model_in == pre, "quantize_linear": ops["QuantizeLinear"],
                   "dequantize_linear": ops["DequantizeLinear"], "ops_with_qdq_inputs": dict(fed),
                   "kept_float": {"nodes": len(excluded),
-                                 "op_types": dict(Counter(n.op_type for n in q.graph.node if n.name in set(excluded))),
+                                 "op_types": dict(Counter(n.op_type for n in q.graph.node if n.name in kept)),
                                  "why": "they read the KV cache inputs or write the present outputs; the KV cache, "
                                         "rotary caches and attention stay float", "kv_cache_qdq_nodes": on_kv},
                   "ops_without_qdq_inputs": dict(left), "not_done": NOT_DONE,

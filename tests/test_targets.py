@@ -158,6 +158,18 @@ def test_npu_qdq_decode_tracks_fp32(tiny, tiny_phi3):
     assert sum(agree) >= 15 and max(diffs[1:]) < 0.05, (agree, diffs)
 
 
+def test_target_budget_adds_or_tightens_the_recipe_gates():
+    from toolchain.runtime.validate import check_gates, merge_gates
+
+    g = merge_gates({"min_metric_fraction": 0.95, "max_perplexity_increase_pct": 10, "min_decode_tok_s": None},
+                    {"min_token_agreement_fp32": 0.9, "min_metric_fraction": 0.5, "max_perplexity_increase_pct": 5})
+    assert g == {"min_metric_fraction": 0.95, "max_perplexity_increase_pct": 5, "min_token_agreement_fp32": 0.9}
+    ref = {"torch_tuned": {"exact_match": 0.95, "perplexity": 1.0}}
+    broken = {"exact_match": 0.0, "perplexity": 1.002, "token_agreement_fp32": 0.028}  # the old npu-qdq on SmolLM2
+    res = {r["gate"]: r["passed"] for r in check_gates(g, broken, ref, "exact_match")}
+    assert res == {"max_perplexity_increase_pct": True, "min_metric_fraction": False, "min_token_agreement_fp32": False}
+
+
 def _cand(name, size, tok_s, gates, validated=True):
     return {"name": name, "validated": validated, "size_mb": size, "decode_tok_s": tok_s, "reason": None if validated
             else "built, not validated on this host: CUDAExecutionProvider unavailable",

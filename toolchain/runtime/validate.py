@@ -104,6 +104,16 @@ def check_gates(gates: dict, measured: dict, reference: dict, metric: str) -> li
     return out
 
 
+def merge_gates(recipe_gates: dict, target_gates: dict) -> dict:
+    """The recipe's gates, then the target's own budget (targets.py, carried in the manifest), which adds a gate or
+    tightens one: a target's gate never loosens the recipe's."""
+    out = {k: v for k, v in recipe_gates.items() if v is not None}
+    for k, v in target_gates.items():
+        stricter = max if k.startswith("min_") else min
+        out[k] = stricter(v, out[k]) if k in out else v
+    return out
+
+
 def _rows(folder: Path, data: Optional[Path], tok) -> list[dict]:
     from .devicedata import tokenize_rows
 
@@ -156,11 +166,7 @@ def validate(folder: Path, data: Optional[Path] = None, progress=None) -> dict:
     acc, _ = accuracy(model, tok, rows, rec["metric"]["name"], rec["metric"]["max_new_tokens"], progress)
     measured = {**lat, **acc, "size_mb": _size_mb(folder, man),
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    # the recipe's gates, then the target's own budget (targets.py, carried in the manifest): it adds or tightens
-    gate_spec = {k: v for k, v in rec.get("gates", {}).items() if v is not None}
-    for k, v in target.get("gates", {}).items():
-        stricter = max if k.startswith("min_") else min
-        gate_spec[k] = stricter(v, gate_spec[k]) if k in gate_spec else v
+    gate_spec = merge_gates(rec.get("gates", {}), target.get("gates", {}))
     not_applicable = []
     if note and gate_spec.get("min_decode_tok_s") is not None:  # the CPU's speed says nothing about the NPU's
         not_applicable.append("min_decode_tok_s")

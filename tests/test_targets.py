@@ -32,6 +32,7 @@ def test_targets_listing():
     if not HAS_CUDA:
         assert rows["cuda-fp16"]["validate_here"] == "no (CUDAExecutionProvider unavailable)"
     assert rows["npu-qdq"]["validate_here"].startswith(("yes", "accuracy, on CPUExecutionProvider"))
+    assert rows["npu-qdq"]["gates"] == {"min_token_agreement_fp32": 0.9} and rows["cpu-int4"]["gates"] == {}
     assert "webgpu-int4" in _cli("targets").stdout
 
 
@@ -73,18 +74,100 @@ def test_npu_qdq_validated_on_cpu_within_the_gates(tiny, tiny_phi3):
     out, rec = tiny
     rep = pipeline.edge(str(tiny_phi3), str(rec), target="npu-qdq", out=out)
     art = out / "tiny-phi30-chat-lora" / "npu-qdq"
-    assert rep["validated"] and rep["provider"] == "cpu" and rep["status"] == "passed"
+    assert rep["validated"] and rep["provider"] == "cpu"
     assert "QNNExecutionProvider unavailable" in rep["note"] and rep["gates_not_applicable"] == ["min_decode_tok_s"]
-    assert [g["gate"] for g in rep["gates"]] == ["max_perplexity_increase_pct"]  # stated budget: recipe's accuracy gates
+    # the stated budget: the recipe's accuracy gates plus the target's own (targets.py), carried by the manifest
+    assert [g["gate"] for g in rep["gates"]] == ["max_perplexity_increase_pct", "min_token_agreement_fp32"]
+    assert rep["target_gates"] == {"min_token_agreement_fp32": 0.9}
     assert abs(rep["headline"]["delta_perplexity_vs_fp32_pct"]) < 5
+    # free-running greedy decoding through the KV cache tracks the fp32 model: 0.91 here (8 prompts x 40 tokens; it was
+    # 0.06 when the KV cache was quantized). This random model has near-ties that flip late in 3 of the 8 answers and
+    # cascade, so the exact figure may move on another CPU's kernels: its budget gate (0.9) is checked for consistency
+    # here, and test_npu_qdq_decode_tracks_fp32 checks the decode path step by step
+    agree = rep["measured"]["token_agreement_fp32"]
+    assert agree >= 0.8 and all(g["passed"] for g in rep["gates"] if g["gate"] != "min_token_agreement_fp32")
+    assert rep["status"] == ("passed" if agree >= 0.9 else "gates_missed")
     man = json.loads((art / "manifest.json").read_text())["target"]
     q = man["quantize"]
     assert q["quantize_linear"] > 0 and q["activations"] == "quint16" and q["calibration"]["samples"] == 16
     assert q["ops_with_qdq_inputs"]["MatMul"] == 11  # every projection and the lm_head read QDQ weights
+    assert q["kept_float"]["op_types"] == {"GroupQueryAttention": 2} and q["kept_float"]["kv_cache_qdq_nodes"] == 0
     assert any("static-shape" in x for x in q["not_done"]) and man["also_runs_on"][0]["ep"] == "VitisAIExecutionProvider"
     cfg = json.loads((art / "genai_config.json").read_text())["model"]["decoder"]["session_options"]
     assert cfg["provider_options"] == [{"qnn": {"backend_type": "htp"}}]
     assert validate(art)["provider"] == "cpu"  # the device path: genai_config names QNN, the CPU EP runs it here
+
+
+def _kv_names(art):
+    dec = json.loads((art / "genai_config.json").read_text())["model"]["decoder"]
+    io = [dec["inputs"][k] % i for k in ("past_key_names", "past_value_names") for i in range(dec["num_hidden_layers"])]
+    return io + [dec["outputs"][k] % i for k in ("present_key_names", "present_value_names")
+                 for i in range(dec["num_hidden_layers"])], dec
+
+
+def test_npu_qdq_keeps_the_kv_cache_float(tiny, tiny_phi3):
+    """No QuantizeLinear/DequantizeLinear on past_key_values/present: GroupQueryAttention reads the graph's KV inputs
+    and writes its present outputs directly, and the rotary caches it reads stay float."""
+    import onnx
+
+    out, rec = tiny
+    art = pipeline.build_target(pipeline.prepare(str(tiny_phi3), str(rec), out), "npu-qdq")
+    kv, _ = _kv_names(art)
+    g = onnx.load(str(art / "model.onnx"), load_external_data=False).graph
+    qdq = [n for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq and not [n.name for n in qdq if set(kv) & (set(n.input) | set(n.output))]
+    gqa = [n for n in g.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 2
+    for i, n in enumerate(gqa):
+        assert n.input[3:5] == [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        assert n.output[1:] == [f"present.{i}.key", f"present.{i}.value"]
+        assert n.input[0].endswith("_DequantizeLinear_Output")  # the qkv projection around it is still QDQ
+    producers = {o: n.op_type for n in g.node for o in n.output}
+    assert {producers.get(n.input[7]) for n in gqa} == {None}  # cos_cache: a float initializer, no DequantizeLinear
+
+
+def test_npu_qdq_decode_tracks_fp32(tiny, tiny_phi3):
+    """onnxruntime directly: a prompt, then one-token decode steps through the KV cache, fp32 export vs npu-qdq.
+    Each step feeds the fp32 model's greedy token to both, so one near-tie cannot cascade."""
+    import numpy as np
+
+    out, rec = tiny
+    r = pipeline.prepare(str(tiny_phi3), str(rec), out)
+    art = pipeline.build_target(r, "npu-qdq")
+    _, dec = _kv_names(art)
+    layers, shape = dec["num_hidden_layers"], (1, dec["num_key_value_heads"], 0, dec["head_size"])
+    sess = [ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"]) for d in (r.ex_dir, art)]
+
+    def step(s, ids, past, total):
+        feed = {"input_ids": np.asarray([ids], np.int64), "attention_mask": np.ones((1, total), np.int64),
+                **{f"past_key_values.{i}.{kv}": past[2 * i + j] for i in range(layers) for j, kv in enumerate(("key", "value"))}}
+        names = [o.name for o in s.get_outputs()]
+        o = dict(zip(names, s.run(None, feed)))
+        return o["logits"][0, -1], [o[f"present.{i}.{kv}"] for i in range(layers) for kv in ("key", "value")]
+
+    prompt = json.loads((art / "eval.jsonl").read_text().splitlines()[0])["prompt_ids"]
+    empty = [np.zeros(shape, np.float32)] * (2 * layers)
+    (lf, pf), (lq, pq) = (step(s, prompt, empty, len(prompt)) for s in sess)
+    agree, diffs = [], []
+    for t in range(16):
+        tok = int(lf.argmax())
+        agree.append(tok == int(lq.argmax()))
+        diffs.append(float(np.abs(lf - lq).max()))
+        (lf, pf), (lq, pq) = step(sess[0], [tok], pf, len(prompt) + t + 1), step(sess[1], [tok], pq, len(prompt) + t + 1)
+    # with Q/DQ on the KV cache (calibrated on empty prefill caches) this was 7/16 steps, logits off by ~0.4
+    assert sum(agree) >= 15 and max(diffs[1:]) < 0.05, (agree, diffs)
+
+
+def test_target_budget_adds_or_tightens_the_recipe_gates():
+    from toolchain.runtime.validate import check_gates, merge_gates
+
+    g = merge_gates({"min_metric_fraction": 0.95, "max_perplexity_increase_pct": 10, "min_decode_tok_s": None},
+                    {"min_token_agreement_fp32": 0.9, "min_metric_fraction": 0.5, "max_perplexity_increase_pct": 5})
+    assert g == {"min_metric_fraction": 0.95, "max_perplexity_increase_pct": 5, "min_token_agreement_fp32": 0.9}
+    ref = {"torch_tuned": {"exact_match": 0.95, "perplexity": 1.0}}
+    broken = {"exact_match": 0.0, "perplexity": 1.002, "token_agreement_fp32": 0.028}  # the old npu-qdq on SmolLM2
+    res = {r["gate"]: r["passed"] for r in check_gates(g, broken, ref, "exact_match")}
+    assert res == {"max_perplexity_increase_pct": True, "min_metric_fraction": False, "min_token_agreement_fp32": False}
 
 
 def _cand(name, size, tok_s, gates, validated=True):

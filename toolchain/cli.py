@@ -96,7 +96,8 @@ def targets(as_json):
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
-        _table("targets (toolchain/targets.py)", ["target", "ep", "precision", "built_by", "validate_here"], rows)
+        _table("targets (toolchain/targets.py)", ["target", "ep", "precision", "built_by", "validate_here", "gates"],
+               [{**r, "gates": ", ".join(f"{k} {v}" for k, v in r["gates"].items()) or "the recipe's"} for r in rows])
 
 
 @cli.command()

@@ -143,7 +143,7 @@ def build_target(r: Run, target: str, spec=None, name: Optional[str] = None, out
         from . import qdq
 
         calib = {"export": r.ex_key, "target": target, "data": r.ft_in["data"], "samples": qdq.CALIB_SAMPLES,
-                 "types": [qdq.ACTIVATIONS, qdq.WEIGHTS, qdq.PER_CHANNEL_MATMUL]}
+                 "types": [qdq.ACTIVATIONS, qdq.WEIGHTS, qdq.PER_CHANNEL_MATMUL], "float": qdq.EXCLUDE}
         q_dir, q_key, q = r.st.run(f"quantize-{name}", calib, lambda o: qdq.quantize_qdq(
             r.ex_dir, qdq.calibration_seqs(r.mg_dir, r.recipe, r.rec_file), o))
         exporter = r.exporter

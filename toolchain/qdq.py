@@ -5,7 +5,17 @@ QNN helpers, calibrated on the recipe's train split.
     2. get_qnn_qdq_config         QNN's static QDQ config: uint16 activations, uint8 weights (A16W8), MinMax
                                   calibration over CALIB_SAMPLES train conversations run through the model as a
                                   prefill (empty KV cache)
-    3. quantize                   QuantizeLinear/DequantizeLinear pairs around every op the quantizer knows
+    3. quantize                   QuantizeLinear/DequantizeLinear pairs around every op the quantizer knows, except
+                                  the nodes that read the KV cache inputs or write the present outputs (the
+                                  builder's GroupQueryAttention): those are excluded (nodes_to_exclude), so the KV
+                                  cache, the rotary cos/sin caches and attention itself stay float
+
+Why the KV cache stays float: calibration runs prefills, whose past_key_values are empty, so MinMax gave the
+past tensors a range of [0, 0] (scale 1.5e-9, zero point 0). Prefill never reads them, so perplexity matched fp32;
+every decode step reads the whole cache through that Q/DQ pair, which crushed it to ~0: greedy tokens agreed with
+fp32 at 0 of 12 decode steps while the same positions in one full pass agreed at 12 of 12 (SmolLM2, measured).
+The projections around attention (qkv in, o_proj out) keep their QDQ, so an NPU EP still gets quantized MatMuls;
+GroupQueryAttention has no QNN kernel, so an NPU EP leaves it, and the KV cache it owns, to the CPU EP anyway.
 
 What is not done, and recorded in the manifest (`not_done`): the static-shape form QNN compiles into a context binary
 (fixed prompt length, fixed KV window, split prefill/decode graphs, as Olive produces for onnxruntime-genai on
@@ -33,7 +43,11 @@ CALIB_SAMPLES = 16
 ACTIVATIONS = "QUInt16"  # measured on SmolLM2 chat-lora: see README (uint8 activations lose the task)
 WEIGHTS = "QUInt8"
 PER_CHANNEL_MATMUL = True  # MatMul weights: symmetric int8 per output channel (axis 1) instead of one uint8 scale
+EXCLUDE = "kv-cache-io"  # stage-key marker: the nodes on the KV cache inputs/outputs stay float (see above)
 NOT_DONE = [
+    "KV cache not quantized: the nodes reading past_key_values / writing present (GroupQueryAttention, with its "
+    "rotary cos/sin caches) stay float; a quantized KV cache needs the static-shape form below and decode-step "
+    "calibration",
     "static-shape form for QNN context binaries (fixed prompt length and KV window, split prefill/decode graphs): "
     "not built; onnxruntime-genai runs this model with a dynamic KV cache",
     "not run on an NPU here: accuracy checked on the CPU EP (the same QDQ arithmetic, float kernels between Q/DQ)",
@@ -95,6 +109,33 @@ def _per_channel_matmul(model_file: Path) -> dict:
             for n in m.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
 
 
+def kv_cache_nodes(model_file: Path, dec: dict) -> tuple[list[str], list[str]]:
+    """(names of the nodes that read a past KV graph input or write a present graph output, those KV tensor names),
+    from genai_config's input/output names."""
+    import onnx
+
+    g = onnx.load(str(model_file), load_external_data=False).graph
+    names = [dec["inputs"][k] % i for k in ("past_key_names", "past_value_names") for i in range(dec["num_hidden_layers"])]
+    names += [dec["outputs"][k] % i for k in ("present_key_names", "present_value_names")
+              for i in range(dec["num_hidden_layers"])]
+    kv = set(names)
+    nodes = [n.name for n in g.node if kv & set(n.input) or kv & set(n.output)]
+    if not nodes or any(not n for n in nodes):
+        raise ToolchainError(f"npu-qdq: {model_file}: cannot name the nodes on the KV cache inputs/outputs "
+                             f"({len(nodes)} found, some unnamed); the export's graph is not the one expected")
+    return nodes, names
+
+
+def kv_cache_qdq(model_file: Path, kv_names: list[str]) -> int:
+    """Q/DQ nodes that read or write a KV cache graph input/output directly (the fix keeps this at 0)."""
+    import onnx
+
+    g = onnx.load(str(model_file), load_external_data=False).graph
+    kv = set(kv_names)
+    return sum(1 for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+               and (kv & set(n.input) or kv & set(n.output)))
+
+
 def quantize_qdq(export_dir: Path, calib_seqs: list[list[int]], out: Path) -> dict:
     """Write the npu-qdq folder (model + everything else of the export); returns what was done."""
     from onnxruntime.quantization import QuantType, quantize
@@ -117,8 +158,10 @@ def quantize_qdq(export_dir: Path, calib_seqs: list[list[int]], out: Path) -> di
                                                external_data_location="preprocessed.onnx.data") else src
         reader = _Reader(calib_seqs, _inputs(model_in), dec["num_key_value_heads"], dec["head_size"])
         overrides = _per_channel_matmul(model_in) if PER_CHANNEL_MATMUL else None
+        excluded, kv_names = kv_cache_nodes(model_in, dec)
         cfg = get_qnn_qdq_config(str(model_in), reader, activation_type=getattr(QuantType, ACTIVATIONS),
-                                 weight_type=getattr(QuantType, WEIGHTS), init_overrides=overrides, stride=4)
+                                 weight_type=getattr(QuantType, WEIGHTS), init_overrides=overrides, stride=4,
+                                 nodes_to_exclude=excluded)
         cfg.use_external_data_format = True
         reader.rewind()
         quantize(str(model_in), str(tmp / MODEL), cfg)
@@ -130,7 +173,11 @@ def quantize_qdq(export_dir: Path, calib_seqs: list[list[int]], out: Path) -> di
         import onnx
 
         q = onnx.load(str(tmp / MODEL), load_external_data=False)
-        ops = Counter(n.op_type for n in q.graph.node)
+        on_kv = kv_cache_qdq(tmp / MODEL, kv_names)
+        if on_kv:
+            raise ToolchainError(f"npu-qdq: {on_kv} Q/DQ nodes on the KV cache inputs/outputs after excluding "
+                                 f"{len(excluded)} nodes; decode would read a mis-calibrated cache")
+        ops, kept = Counter(n.op_type for n in q.graph.node), set(excluded)
         dq_out = {o for n in q.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
         compute = [n for n in q.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear", "Constant")]
         fed = Counter(n.op_type for n in compute if any(i in dq_out for i in n.input))
@@ -141,6 +188,10 @@ def quantize_qdq(export_dir: Path, calib_seqs: list[list[int]], out: Path) -> di
                                   "tokens": int(sum(len(s) for s in calib_seqs)), "pass": "prefill, empty KV cache"},
                   "preprocessed": model_in == pre, "quantize_linear": ops["QuantizeLinear"],
                   "dequantize_linear": ops["DequantizeLinear"], "ops_with_qdq_inputs": dict(fed),
+                  "kept_float": {"nodes": len(excluded),
+                                 "op_types": dict(Counter(n.op_type for n in q.graph.node if n.name in kept)),
+                                 "why": "they read the KV cache inputs or write the present outputs; the KV cache, "
+                                        "rotary caches and attention stay float", "kv_cache_qdq_nodes": on_kv},
                   "ops_without_qdq_inputs": dict(left), "not_done": NOT_DONE,
                   "seconds": round(time.time() - t0, 1),
                   "size_mb": round(sum(p.stat().st_size for p in tmp.glob(MODEL + "*")) / 1e6, 1)}

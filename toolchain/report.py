@@ -148,6 +148,12 @@ def auto_markdown(out: dict) -> str:
                                                              else "meets every gate")
         lines.append(f"| {c['name']} | {_fmt(c['size_mb'], '.1f')} | {_fmt(c['decode_tok_s'], '.1f')} | "
                      f"{_fmt(c['perplexity'])} | {_fmt(c.get(metric))} | {res} |")
+    if out["rejected"]:
+        lines += ["", "Rejected, with the gate(s) each missed:", ""] + [
+            f"- {r['name']}: " + (f"missed {r['why']}" if r["missed"] else r["why"])
+            for r in out["rejected"]]
+    if out.get("dropped"):
+        lines += ["", "Not built (left out of the candidate list):", ""] + [f"- {k}: {v}" for k, v in out["dropped"].items()]
     return "\n".join(lines + ["", "![frontier](frontier.png)", ""])
 
 

@@ -126,6 +126,7 @@ class Gates(Strict):
     min_metric_fraction: Optional[float] = Field(None, gt=0, le=1)  # task metric as a fraction of tuned torch
     min_decode_tok_s: Optional[float] = Field(None, gt=0)
     max_latency_ms_p95: Optional[float] = Field(None, gt=0)  # encoders: one sequence end to end, p95
+    min_token_agreement_fp32: Optional[float] = Field(None, gt=0, le=1)  # greedy tokens equal to the fp32 ONNX model's
 
 
 class Recipe(Strict):

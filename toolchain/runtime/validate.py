@@ -93,10 +93,24 @@ def check_gates(gates: dict, measured: dict, reference: dict, metric: str) -> li
         v = measured["latency_ms_p95"]
         out.append({"gate": "max_latency_ms_p95", "limit": gates["max_latency_ms_p95"], "value": v,
                     "passed": v <= gates["max_latency_ms_p95"]})
+    if "min_token_agreement_fp32" in gates and "token_agreement_fp32" in measured:
+        v = measured["token_agreement_fp32"]
+        out.append({"gate": "min_token_agreement_fp32", "limit": gates["min_token_agreement_fp32"], "value": v,
+                    "passed": v >= gates["min_token_agreement_fp32"]})
     if "min_decode_tok_s" in gates and "decode_tok_s_p50" in measured:
         v = measured["decode_tok_s_p50"]
         out.append({"gate": "min_decode_tok_s", "limit": gates["min_decode_tok_s"], "value": v,
                     "passed": v >= gates["min_decode_tok_s"]})
+    return out
+
+
+def merge_gates(recipe_gates: dict, target_gates: dict) -> dict:
+    """The recipe's gates, then the target's own budget (targets.py, carried in the manifest), which adds a gate or
+    tightens one: a target's gate never loosens the recipe's."""
+    out = {k: v for k, v in recipe_gates.items() if v is not None}
+    for k, v in target_gates.items():
+        stricter = max if k.startswith("min_") else min
+        out[k] = stricter(v, out[k]) if k in out else v
     return out
 
 
@@ -152,7 +166,7 @@ def validate(folder: Path, data: Optional[Path] = None, progress=None) -> dict:
     acc, _ = accuracy(model, tok, rows, rec["metric"]["name"], rec["metric"]["max_new_tokens"], progress)
     measured = {**lat, **acc, "size_mb": _size_mb(folder, man),
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    gate_spec = dict(rec.get("gates", {}))
+    gate_spec = merge_gates(rec.get("gates", {}), target.get("gates", {}))
     not_applicable = []
     if note and gate_spec.get("min_decode_tok_s") is not None:  # the CPU's speed says nothing about the NPU's
         not_applicable.append("min_decode_tok_s")
@@ -162,6 +176,8 @@ def validate(folder: Path, data: Optional[Path] = None, progress=None) -> dict:
     out = {**base, "provider": provider, "metric": rec["metric"]["name"], "validated": True, "status": "passed" if passed else "gates_missed",
            "data": str(data) if data else EVAL_FILE, "measured": measured, "gates": gates, "passed": passed,
            "seconds": round(time.time() - t0, 1)}
+    if target.get("gates"):
+        out["target_gates"] = target["gates"]
     if note:
         out.update(note=note, gates_not_applicable=not_applicable)
     return out

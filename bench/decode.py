@@ -86,7 +86,9 @@ def ours(merged: Path, recipe: str) -> dict[str, dict]:
     from toolchain.catalog import load_recipe
     from toolchain.export import export
     from toolchain.fsutil import sha256_file
+    from toolchain import targets
     from toolchain.quantize import quantize
+    from toolchain.targets import stamp_genai_config
 
     stamp = sha256_file(merged / "model.safetensors")[:12]
     root = WORK / f"ours-{stamp}"
@@ -104,6 +106,7 @@ def ours(merged: Path, recipe: str) -> dict[str, dict]:
                 shutil.rmtree(d)
             quantize(fp32, target, d, spec)
             stamp_file.write_text(key)
+        stamp_genai_config(d, targets.get(target))  # the session defaults an artifact ships with
         out[f"ours {target}"] = {"kind": "genai", "path": str(d)}
     out["ort-genai builder int4 (defaults)"] = {"kind": "genai", "path": str(builder_int4(merged, root / "builder-int4"))}
     return out
@@ -111,6 +114,7 @@ def ours(merged: Path, recipe: str) -> dict[str, dict]:
 
 # The cpu-int4 tuning matrix (`--tune`): name -> how it is built and run. "spec": QuantizeSpec overrides on the recipe's
 # (our quantize stage); "builder": onnxruntime-genai builder int4 options; "session": genai session_options overlay.
+NOSPIN = {"session.intra_op.allow_spinning": "0"}
 TUNE = {
     "int4 recipe (asym b32 acc4, lm_head int4)": {"spec": {}},
     "int4 sym b32": {"spec": {"symmetric": True}},
@@ -120,8 +124,18 @@ TUNE = {
     "int4 acc-level 1": {"spec": {"accuracy_level": 1}},
     "int4 lm_head int8": {"spec": {"lm_head_bits": 8}},
     "int4 lm_head fp32": {"spec": {"lm_head": False}},
-    "int4 recipe, no spinning": {"spec": {}, "session": {"session.intra_op.allow_spinning": "0"}},
+    "int4 recipe + embedding int4": {"spec": {"embedding": "int4"}},
+    "int4 asym b64 + embedding int4": {"spec": {"embedding": "int4", "block_size": 64}},
+    "int4 recipe, no spinning": {"spec": {}, "session": NOSPIN},
     "int4 recipe, no mem arena": {"spec": {}, "session": {"enable_cpu_mem_arena": False}},
+    "int4 recipe, KV buffer not shared": {"spec": {}, "search": {"past_present_share_buffer": False}},
+    "int4 recipe, basic graph opts": {"spec": {}, "session": {"graph_optimization_level": "ORT_ENABLE_BASIC"}},
+    "int4 sym b32, no spinning": {"spec": {"symmetric": True}, "session": NOSPIN},
+    "int4 asym b64, no spinning": {"spec": {"block_size": 64}, "session": NOSPIN},
+    "int4 lm_head int8, no spinning": {"spec": {"lm_head_bits": 8}, "session": NOSPIN},
+    "int4 recipe + embedding int4, no spinning": {"spec": {"embedding": "int4"}, "session": NOSPIN},
+    "int4 asym b64 + embedding int4, no spinning": {"spec": {"embedding": "int4", "block_size": 64}, "session": NOSPIN},
+    "builder int4 defaults, no spinning": {"builder": (), "session": NOSPIN},
     "builder int4 defaults (sym b32 acc4)": {"builder": ()},
     "builder int4 + tied int4 embedding": {"builder": ("shared_embeddings=true",)},
 }
@@ -153,7 +167,7 @@ def tune_models(merged: Path, recipe: str, names: list[str] | None = None) -> di
             path = root / "tune" / tag
             if not (path / "model.onnx").is_file():
                 quantize(fp32, "cpu-int4", path, spec)
-        out[name] = {"kind": "genai", "path": str(path), "session": v.get("session")}
+        out[name] = {"kind": "genai", "path": str(path), "session": v.get("session"), "search": v.get("search")}
     return out
 
 
@@ -213,6 +227,10 @@ def llama_models(merged: Path) -> dict[str, dict]:
             if rc != 0:
                 raise SystemExit(f"llama_model_quantize {name} failed ({rc})")
         out[f"llama.cpp {name}"] = {"kind": "llama", "path": str(q)}
+    # llama.cpp's CPU threads are an OpenMP team (GGML_OPENMP, its default build), which spins while waiting; the
+    # same Q4_0 with OpenMP's passive wait is the like-for-like comparison with our non-spinning session default.
+    out["llama.cpp Q4_0 (OMP passive wait)"] = {"kind": "llama", "path": out["llama.cpp Q4_0"]["path"],
+                                                "env": {"OMP_WAIT_POLICY": "PASSIVE"}}
     return out
 
 
@@ -250,13 +268,15 @@ def inputs(merged: Path, recipe: str) -> dict:
 # ------------------------------------------------------------------------------------------------- speed workers
 
 
-def _genai_model(path: str, threads: int, session: dict | None = None):
+def _genai_model(path: str, threads: int, session: dict | None = None, search: dict | None = None):
+    """The artifact with `threads` intra-op threads; `session`/`search`: genai_config overlays (a string-valued
+    session option that is not one of onnxruntime-genai's own is passed to ONNX Runtime as a config entry)."""
     import onnxruntime_genai as og
 
     cfg = og.Config(path)
     cfg.clear_providers()
     so = {"intra_op_num_threads": threads, "inter_op_num_threads": 1, **(session or {})}
-    cfg.overlay(json.dumps({"model": {"decoder": {"session_options": so}}}))
+    cfg.overlay(json.dumps({"model": {"decoder": {"session_options": so}}, **({"search": search} if search else {})}))
     return og.Model(cfg)
 
 
@@ -288,20 +308,26 @@ class _Llama:
         self.llm = Llama(model_path=path, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
                          n_threads_batch=threads, verbose=False)
 
-    def run(self, ids: list[int], new: int) -> dict:
+    def _next(self) -> int:
+        """Greedy: argmax of the last position's logits (Llama.eval keeps them only with logits_all)."""
+        import llama_cpp
         import numpy as np
 
+        ptr = llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),))))
+
+    def run(self, ids: list[int], new: int) -> dict:
         llm = self.llm
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(ids)
         t1 = time.perf_counter()
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = self._next()
         toks = [tok]
         t2 = time.perf_counter()
         while len(toks) < new:
             llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tok = self._next()
             toks.append(tok)
         t3 = time.perf_counter()
         return {"prefill_s": t1 - t0, "ttft_s": t2 - t0, "decode_s": t3 - t2, "new": len(toks), "tokens": toks}
@@ -341,7 +367,7 @@ def speed_worker(job: dict) -> dict:
     new = job["new_tokens"]
     t = time.perf_counter()
     if kind == "genai":
-        model = _genai_model(path, threads, job.get("session"))
+        model = _genai_model(path, threads, job.get("session"), job.get("search"))
         run = lambda ids: _genai_run(model, ids, new)  # noqa: E731
     elif kind == "llama":
         m = _Llama(path, threads, max(len(p) for p in prompts.values()) + new + 8)
@@ -528,6 +554,7 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated substrings: run only matching runtimes")
     ap.add_argument("--tune", action="store_true", help="the cpu-int4 tuning matrix (TUNE) instead of our targets")
     ap.add_argument("--no-llama", action="store_true")
+    ap.add_argument("--build-only", action="store_true", help="build the models, measure nothing")
     ap.add_argument("--no-quality", action="store_true")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = ap.parse_args()
@@ -553,6 +580,9 @@ def main() -> None:
     if args.only:
         keep = [s.strip() for s in args.only.split(",")]
         models = {k: v for k, v in models.items() if any(s in k for s in keep)}
+    if args.build_only:
+        print(json.dumps(models, indent=1))
+        return
     ids = inputs(merged, args.recipe)
     lengths = [int(x) for x in args.prompts.split(",")]
     prompts = {str(n): ids["prompt_stream"][:n] for n in lengths}
@@ -566,8 +596,9 @@ def main() -> None:
         for name, m in models.items():
             for t in threads:
                 job = {"kind": m["kind"], "path": m["path"], "threads": t, "prompts": prompts,
-                       "new_tokens": args.new_tokens, "reps": args.reps, "session": m.get("session")}
-                env = {"OMP_NUM_THREADS": str(t), "MKL_NUM_THREADS": str(t)}
+                       "new_tokens": args.new_tokens, "reps": args.reps, "session": m.get("session"),
+                       "search": m.get("search")}
+                env = {"OMP_NUM_THREADS": str(t), "MKL_NUM_THREADS": str(t), **m.get("env", {})}
                 r = _spawn("speed", job, env)
                 row = rows.setdefault((name, t), {"name": name, "threads": t, "kind": m["kind"], "path": m["path"],
                                                   "size_mb": model_size(m), "by_prompt": {}, "peak_rss_mb": 0,
@@ -629,9 +660,14 @@ def quality(models: dict, seqs: dict, threads: int = 2) -> dict:
     if "error" in r:
         raise SystemExit(f"fp32 reference failed: {r['error']}")
     out["pytorch fp32"] = {**r["quality"], "loadavg": r["loadavg"]}
+    seen = {}
     for name, m in models.items():
         if m["kind"] == "torch":
             continue
+        if m["path"] in seen:  # the same weights under other run settings: the same logits
+            out[name] = out[seen[m["path"]]]
+            continue
+        seen[m["path"]] = name
         r = _spawn("quality", {"kind": m["kind"], "path": m["path"], "threads": threads, "ref_dir": str(ref_dir),
                                "sequences": seqs})
         out[name] = r if "error" in r else {**r["quality"], "loadavg": r["loadavg"]}

@@ -114,6 +114,8 @@ class QuantizeSpec(Strict):
     accuracy_level: Literal[0, 1, 2, 3, 4] = 4  # 4: int8 activations in the CPU kernel
     lm_head: bool = True  # quantize the output projection too
     lm_head_bits: Literal[4, 8] = 4  # its width when quantized: 8 keeps more of the logits' precision
+    # the token embedding table: fp32 Gather, or int4 GatherBlockQuantized (same block size and symmetry)
+    embedding: Literal["fp32", "int4"] = "fp32"
 
 
 class Gates(Strict):

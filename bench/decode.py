@@ -556,6 +556,7 @@ def main() -> None:
     ap.add_argument("--no-llama", action="store_true")
     ap.add_argument("--build-only", action="store_true", help="build the models, measure nothing")
     ap.add_argument("--no-quality", action="store_true")
+    ap.add_argument("--quality-only", default="", help="comma-separated substrings: quality for matching runtimes only")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = ap.parse_args()
     if args.worker:
@@ -571,7 +572,10 @@ def main() -> None:
         args.only = ""
     else:
         models = ours(merged, args.recipe)
-    models["pytorch fp32"] = {"kind": "torch", "path": str(merged)}  # the quality reference (and a speed row)
+    # the quality reference, and a speed row (not in --tune). OpenMP's passive wait: with its default spinning, torch
+    # decoded at ~2 tok/s on the shared 2-core CPU (bench/results/decode-tune-*.json, first tuning run)
+    models["pytorch fp32"] = {"kind": "torch", "path": str(merged), "env": {"OMP_WAIT_POLICY": "PASSIVE"},
+                              "no_speed": args.tune}
     llama_ok = have_llama() and not args.no_llama
     if llama_ok:
         models.update(llama_models(merged))
@@ -594,6 +598,8 @@ def main() -> None:
     rows = {}
     for rnd in range(args.rounds):
         for name, m in models.items():
+            if m.get("no_speed"):
+                continue
             for t in threads:
                 job = {"kind": m["kind"], "path": m["path"], "threads": t, "prompts": prompts,
                        "new_tokens": args.new_tokens, "reps": args.reps, "session": m.get("session"),
@@ -628,7 +634,9 @@ def main() -> None:
                     same += 1
                 slot["greedy_prefix_match_vs_torch"] = same
     if not args.no_quality:
-        results["quality"] = quality(models, ids["quality"])
+        qkeep = [s.strip() for s in args.quality_only.split(",") if s.strip()]
+        results["quality"] = quality({k: v for k, v in models.items()
+                                      if not qkeep or v["kind"] == "torch" or any(s in k for s in qkeep)}, ids["quality"])
     results["loadavg_end"] = loadavg()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -656,7 +664,7 @@ def quality(models: dict, seqs: dict, threads: int = 2) -> dict:
     out = {}
     ref = next(m for n, m in models.items() if m["kind"] == "torch")
     r = _spawn("quality", {"kind": "torch", "path": ref["path"], "threads": threads, "ref_dir": str(ref_dir),
-                           "sequences": seqs, "write_ref": True})
+                           "sequences": seqs, "write_ref": True}, ref.get("env"))
     if "error" in r:
         raise SystemExit(f"fp32 reference failed: {r['error']}")
     out["pytorch fp32"] = {**r["quality"], "loadavg": r["loadavg"]}
@@ -669,7 +677,7 @@ def quality(models: dict, seqs: dict, threads: int = 2) -> dict:
             continue
         seen[m["path"]] = name
         r = _spawn("quality", {"kind": m["kind"], "path": m["path"], "threads": threads, "ref_dir": str(ref_dir),
-                               "sequences": seqs})
+                               "sequences": seqs}, m.get("env"))
         out[name] = r if "error" in r else {**r["quality"], "loadavg": r["loadavg"]}
         q = r.get("quality", {}).get("text", {})
         print(f"quality {name}: {q} load {loadavg()}", file=sys.stderr)

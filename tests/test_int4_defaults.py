@@ -50,7 +50,7 @@ def test_int4_embedding_is_block_quantized_and_runs(tiny_export, tmp_path):
     # the builder reads a tied table through Transpose(lm_head weight): the case the quantize stage folds
     assert any(n.op_type == "Transpose" and "embed_tokens" in n.name for n in fp32.node) == tied
 
-    plain = quantize(tiny_export, "cpu-int4", tmp_path / "plain", QuantizeSpec(symmetric=False))
+    plain = quantize(tiny_export, "cpu-int4", tmp_path / "plain", QuantizeSpec(symmetric=False, embedding="fp32"))
     emb = quantize(tiny_export, "cpu-int4", tmp_path / "emb", QuantizeSpec(symmetric=False, embedding="int4"))
     assert plain["gather_block_quantized"] == 0 and emb["gather_block_quantized"] == 1
     assert emb["matmulnbits"] == plain["matmulnbits"] and emb["embedding"] == "int4"
@@ -72,3 +72,7 @@ def test_int4_embedding_is_block_quantized_and_runs(tiny_export, tmp_path):
     assert a.shape == b.shape and np.isfinite(b).all()
     # only the looked-up rows change, by their 4-bit rounding: close, not equal
     assert 0 < np.abs(a - b).max() < 0.5 * np.abs(a).max() + 1e-3
+
+
+def test_int4_embedding_is_the_default():
+    assert QuantizeSpec().embedding == "int4"

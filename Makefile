@@ -1,4 +1,4 @@
-# The three commands a user needs: `make setup`, `make edge`, `make test`.
+# The three commands a user needs: `make setup`, `make edge`, `make test` (and `make bench`: decode speed vs llama.cpp).
 PY        ?= python3
 VENV      := .venv
 BIN       := $(VENV)/bin
@@ -13,8 +13,14 @@ ZERO      ?= 2
 EDGE_ARGS := $(if $(MODEL),--model $(MODEL)) $(if $(TARGET),--target $(TARGET)) $(if $(MODEL_PATH),--model-path $(MODEL_PATH)) \
              $(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) $(if $(NPROC),--launcher deepspeed --nproc $(NPROC) --zero $(ZERO))
 STAMP     := $(VENV)/.setup-stamp
+# make bench: llama-cpp-python (the `bench` extra) is built once from the registry's source distribution for this
+# CPU (several minutes on 2 cores) into an ignored wheel cache, then installed; CI never needs it.
+LLAMA_CPP  ?= 0.3.36
+WHEELS     := .cache/wheels
+LLAMA_CMAKE ?= -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+BENCH_ARGS ?=
 
-.PHONY: setup edge test clean
+.PHONY: setup edge test bench clean
 
 setup: $(STAMP)
 
@@ -33,6 +39,13 @@ edge: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+bench: setup
+	ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP)-*.whl >/dev/null 2>&1 || \
+	  CMAKE_ARGS="$(LLAMA_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-2} \
+	  $(BIN)/pip wheel -q --no-deps --no-binary llama-cpp-python llama-cpp-python==$(LLAMA_CPP) -w $(WHEELS)
+	$(BIN)/pip install -q $(WHEELS)/llama_cpp_python-$(LLAMA_CPP)-*.whl
+	$(BIN)/python bench/decode.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -159,8 +159,10 @@ def build_target(r: Run, target: str, spec=None, name: Optional[str] = None, out
     if name != target:
         desc["variant_of"] = target
     # the manifest carries the whole recipe (its gates too): a changed gate repackages, and auto re-validates
-    art, _, _ = r.st.run(name if out is None else f"artifact-{name}", {"quantize": q_key, "reference": r.rf_key,
-                         "finetune": r.ft_key, "recipe": r.recipe.model_dump()}, out=out or r.root / name, fn=lambda o: {
+    pkg_in = {"quantize": q_key, "reference": r.rf_key, "finetune": r.ft_key, "recipe": r.recipe.model_dump()}
+    if t.get("session_options"):  # written into genai_config.json: a changed default repackages
+        pkg_in["session_options"] = t["session_options"]
+    art, _, _ = r.st.run(name if out is None else f"artifact-{name}", pkg_in, out=out or r.root / name, fn=lambda o: {
         "path": str(package(q_dir, r.rf_dir / "eval.jsonl", o, r.card, r.recipe.model_dump(), desc, lineage,
                             r.reference, {"weights": r.ft_in["weights"], "data": r.ft_in["data"]}, r.training))})
     return art

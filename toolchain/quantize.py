@@ -2,7 +2,8 @@
 
     cpu-fp32   the reference, copied as is
     cpu-int4   MatMulNBits weight-only int4 (block 32, accuracy level 4 = int8 activations on CPU, lm_head too);
-               algorithm RTN by default, HQQ or k-quant from the recipe's `quantize:` section
+               algorithm RTN by default, HQQ or k-quant from the recipe's `quantize:` section; the embedding
+               table fp32 or int4 (GatherBlockQuantized)
     cpu-int8   dynamic int8 (weights int8 per channel, activations quantized at run time)
 
 Everything else in the folder (genai_config.json, tokenizer, chat template) is copied beside the new model.
@@ -45,10 +46,44 @@ def _int4(src: Path, dst: Path, spec: QuantizeSpec) -> dict:
         q = mnb.MatMulNBitsQuantizer(model, bits=8, block_size=spec.block_size, is_symmetric=spec.symmetric,
                                      accuracy_level=spec.accuracy_level, nodes_to_include=head)
         q.process()
+    if spec.embedding == "int4":
+        model = q.model.model
+        _embedding_as_constant(model)
+        q = mnb.MatMulNBitsQuantizer(model, bits=4, block_size=spec.block_size, is_symmetric=spec.symmetric,
+                                     op_types_to_quantize=("Gather",), quant_axes=(("Gather", 1),),
+                                     nodes_to_include=[n.name for n in model.graph.node if n.op_type == "Gather"
+                                                       and "embed_tokens" in n.name])
+        q.process()
+        graph = q.model.model.graph
+        used = {i for n in graph.node for i in n.input}
+        for init in [i for i in graph.initializer if i.name not in used]:  # the fp32 tables now unused
+            graph.initializer.remove(init)
     q.model.save_model_to_file(str(dst), use_external_data_format=True)
     nodes = [n.op_type for n in q.model.model.graph.node]
     return {"matmulnbits": nodes.count("MatMulNBits"), "matmul_left_fp32": nodes.count("MatMul"),
+            "gather_block_quantized": nodes.count("GatherBlockQuantized"),
             "lm_head_quantized": spec.lm_head and bool(head), **spec.model_dump()}
+
+
+def _embedding_as_constant(model) -> None:
+    """The builder ties the embedding to lm_head: Gather reads Transpose(lm_head weight), which ONNX Runtime folds
+    into a second fp32 copy at load. Fold it here into an initializer of its own, so the Gather quantizer (which
+    only takes constant tables) can turn it into GatherBlockQuantized."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in list(model.graph.node):
+        if node.op_type != "Gather" or "embed_tokens" not in node.name or node.input[0] in inits:
+            continue
+        tr = next((n for n in model.graph.node if node.input[0] in n.output and n.op_type == "Transpose"), None)
+        if tr is None or tr.input[0] not in inits:
+            continue
+        perm = next((list(a.ints) for a in tr.attribute if a.name == "perm"), None)
+        table = numpy_helper.to_array(inits[tr.input[0]], base_dir="").transpose(perm)
+        model.graph.initializer.append(numpy_helper.from_array(table.copy(), "model.embed_tokens.weight"))
+        node.input[0] = "model.embed_tokens.weight"
+        if not any(tr.output[0] in n.input for n in model.graph.node):
+            model.graph.node.remove(tr)
 
 
 def _int8(src: Path, dst: Path) -> dict:

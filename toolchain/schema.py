@@ -117,6 +117,9 @@ class QuantizeSpec(Strict):
     accuracy_level: Literal[0, 1, 2, 3, 4] = 4  # 4: int8 activations in the CPU kernel
     lm_head: bool = True  # quantize the output projection too
     lm_head_bits: Literal[4, 8] = 4  # its width when quantized: 8 keeps more of the logits' precision
+    # the token embedding table: fp32 Gather, or int4 GatherBlockQuantized (same block size and symmetry). int4:
+    # SmolLM2 cpu-int4 202 -> 107 MB with held-out Δperplexity +16.3% vs +17.0% (bench/results/decode-tune-*.json)
+    embedding: Literal["fp32", "int4"] = "int4"
 
 
 class Gates(Strict):

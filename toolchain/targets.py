@@ -22,7 +22,11 @@ QDQ_ALSO = [{"provider": "VitisAI", "ep": "VitisAIExecutionProvider", "provider_
 
 TARGETS: dict[str, dict] = {
     "cpu-fp32": {"provider": "cpu", "ep": "CPUExecutionProvider", "precision": "fp32", "built_by": "quantize"},
-    "cpu-int4": {"provider": "cpu", "ep": "CPUExecutionProvider", "precision": "int4", "built_by": "quantize"},
+    # session_options: written into genai_config.json when packaged. No intra-op spinning: measured on the 2-core
+    # CPU (bench/decode.py --tune, bench/results/decode-tune-*.json) it is the largest single decode win when the CPU
+    # is shared, where the spinning pool thread takes time slices from the one doing the work.
+    "cpu-int4": {"provider": "cpu", "ep": "CPUExecutionProvider", "precision": "int4", "built_by": "quantize",
+                 "session_options": {"session.intra_op.allow_spinning": "0"}},
     "cpu-int8": {"provider": "cpu", "ep": "CPUExecutionProvider", "precision": "int8", "built_by": "quantize"},
     "cuda-fp16": {"provider": "cuda", "ep": "CUDAExecutionProvider", "precision": "fp16", "built_by": "builder"},
     "cuda-int4": {"provider": "cuda", "ep": "CUDAExecutionProvider", "precision": "int4", "built_by": "builder"},
@@ -95,6 +99,9 @@ def stamp_genai_config(folder, target: dict) -> None:
     cfg = json.loads(path.read_text())
     so = cfg["model"]["decoder"].setdefault("session_options", {})
     so["log_id"] = f"onnxruntime-genai {target['name']} {target['precision']} {target['ep']}"
+    # the target's own session defaults; a string value that is not an onnxruntime-genai option is passed to ONNX
+    # Runtime as a session config entry (e.g. session.intra_op.allow_spinning)
+    so.update(target.get("session_options") or {})
     named = [p for entry in so.get("provider_options", []) for p in entry]
     if target["provider"] != "cpu" and target["provider"] not in named:
         so["provider_options"] = [{target["provider"]: {k: str(v) for k, v in target.get("provider_options", {}).items()}}]

@@ -198,3 +198,47 @@ def task_scores(metric: str, predictions: Sequence, references: Sequence, constr
     if metric not in FAMILIES:
         raise ValueError(f"unknown metric '{metric}'; known: {', '.join(FAMILIES)}")
     return {name: fns[name](predictions, references) for name in FAMILIES[metric]}
+
+
+# ------------------------------------------------------------------------------------------- logits vs a reference
+# How far a quantized model's next-token distributions are from the full-precision model's, on the same token ids:
+# the perplexity of each on the text, how often their top-1 tokens agree, and the mean KL(reference || quantized).
+# numpy only (a device can run it).
+
+
+def _log_softmax(x):
+    import numpy as np
+
+    x = np.asarray(x, dtype=np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+class LogitStats:
+    """Accumulates, over sequences, reference and quantized logits [positions, vocab] with the next-token labels
+    [positions]: update(), then result()."""
+
+    def __init__(self):
+        self.nll_ref = self.nll_q = self.kl = 0.0
+        self.agree = self.n = 0
+
+    def update(self, ref_logits, q_logits, labels) -> None:
+        import numpy as np
+
+        ref, q, labels = np.asarray(ref_logits), np.asarray(q_logits), np.asarray(labels)
+        if ref.shape != q.shape or ref.ndim != 2 or labels.shape != ref.shape[:1]:
+            raise ValueError(f"logits {ref.shape} / {q.shape} and labels {labels.shape} do not line up")
+        lr, lq = _log_softmax(ref), _log_softmax(q)
+        rows = np.arange(len(labels))
+        self.nll_ref -= float(lr[rows, labels].sum())
+        self.nll_q -= float(lq[rows, labels].sum())
+        self.kl += float((np.exp(lr) * (lr - lq)).sum())
+        self.agree += int((ref.argmax(-1) == q.argmax(-1)).sum())
+        self.n += len(labels)
+
+    def result(self) -> dict:
+        if not self.n:
+            raise ValueError("LogitStats needs at least one scored position")
+        ppl_ref, ppl_q = perplexity(self.nll_ref, self.n), perplexity(self.nll_q, self.n)
+        return {"positions": self.n, "ppl_ref": ppl_ref, "ppl": ppl_q, "delta_ppl_pct": 100 * (ppl_q / ppl_ref - 1),
+                "top1_agreement": self.agree / self.n, "mean_kl": self.kl / self.n}

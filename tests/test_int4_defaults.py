@@ -74,5 +74,8 @@ def test_int4_embedding_is_block_quantized_and_runs(tiny_export, tmp_path):
     assert 0 < np.abs(a - b).max() < 0.5 * np.abs(a).max() + 1e-3
 
 
-def test_int4_embedding_is_the_default():
-    assert QuantizeSpec().embedding == "int4"
+def test_the_default_recipe_quantizes_its_embedding_and_others_keep_theirs():
+    from toolchain.catalog import load_recipe
+
+    assert load_recipe("chat-lora")[0].quantize.embedding == "int4"
+    assert load_recipe("domain-adapt")[0].quantize.embedding == QuantizeSpec().embedding == "fp32"

@@ -29,7 +29,6 @@ import argparse
 import datetime
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -39,6 +38,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from toolchain.runtime.memory import peak_rss_mb  # noqa: E402
+
 WORK = REPO / ".cache" / "bench"
 SDIST = REPO / ".cache" / "sdist"
 LLAMA_VERSION = "0.3.36"
@@ -50,17 +52,6 @@ QUALITY_CHATS = 24
 
 def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
-
-
-def peak_rss_mb() -> float:
-    """This process's peak RSS (VmHWM: reset by exec, unlike ru_maxrss, which a child inherits from its parent)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def dir_size_mb(path: Path, pattern: str = "*") -> float:

@@ -14,7 +14,6 @@ import argparse
 import datetime
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from toolchain.runtime.memory import peak_rss_mb  # noqa: E402
 
 # name -> recipe overrides (None: the Trainer baseline). All start from recipes/chat-lora.yaml.
 CONFIGS = {
@@ -142,7 +143,7 @@ def child(name: str, model: str, steps: int) -> None:
         rec = recipe_with(CONFIGS[name], steps, Path(d))
         fn = run_trainer if CONFIGS[name] is None else run_ours
         res = fn(model, rec, Path(d) / "out")
-    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    res["peak_rss_mb"] = peak_rss_mb()
     print("RESULT " + json.dumps(res), flush=True)
 
 

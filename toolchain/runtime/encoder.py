@@ -12,7 +12,6 @@ Tokenizing and decoding live here and nowhere else: the torch side (toolchain/en
 """
 from __future__ import annotations
 
-import resource
 import statistics
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 
 from ..errors import ToolchainError
 from . import jsonl, metrics
+from .memory import peak_rss_mb
 
 EVAL_FILE = "eval.jsonl"
 TOKENIZER = "tokenizer.json"
@@ -147,18 +147,6 @@ def latency(forward, tok, rows: list[dict], task: str, runs: int = 3) -> dict:
     q = statistics.quantiles(times, n=20, method="inclusive")
     return {"latency_ms_p50": statistics.median(times), "latency_ms_p95": q[18], "latency_runs": len(times),
             "sequences_per_s": 1000 / statistics.median(times)}
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a
-    validation started by a large training process would report the trainer's peak as its own."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def validate(folder: Path, man: dict, data: Optional[Path] = None, progress=None) -> dict:

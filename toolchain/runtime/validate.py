@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import genai, manifest, metrics
+from .memory import peak_rss_mb
 
 EVAL_FILE = "eval.jsonl"
 
@@ -165,7 +165,7 @@ def validate(folder: Path, data: Optional[Path] = None, progress=None) -> dict:
     lat = latency(model, rows[0].get("prompt_ids") or rows[0]["input_ids"])
     acc, _ = accuracy(model, tok, rows, rec["metric"]["name"], rec["metric"]["max_new_tokens"], progress)
     measured = {**lat, **acc, "size_mb": _size_mb(folder, man),
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+                "peak_rss_mb": peak_rss_mb()}
     gate_spec = merge_gates(rec.get("gates", {}), target.get("gates", {}))
     not_applicable = []
     if note and gate_spec.get("min_decode_tok_s") is not None:  # the CPU's speed says nothing about the NPU's

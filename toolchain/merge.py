@@ -2,10 +2,11 @@
 
 Writes an HF folder (safetensors, tokenizer, chat template, generation config) and merge_report.json with the
 max-abs logit difference between base+adapter and the merged model on a few prompts; above 1e-3 it fails and
-writes nothing. A QLoRA adapter was trained against the NF4 base but is merged into the fp32 base (merging into
-4-bit weights would round the adapter away); the report then also says how far the merged model's logits are
-from NF4 base + adapter and the held-out metric of each, so the user sees what merging cost. A full fine-tune
-has nothing to merge: its weights are copied and checked to load.
+writes nothing. A QLoRA adapter was trained against the NF4 base but is merged into full-precision weights
+(merging into 4-bit weights would round the adapter away): the fp32 base, or the NF4 weights dequantized to fp32
+(recipe key method.merge_into). The report then also says how far the merged model's logits are from NF4 base +
+adapter, and the held-out metric of the trained model, the merged one and the other choice, so the user sees what
+merging cost. A full fine-tune has nothing to merge: its weights are copied and checked to load.
 """
 from __future__ import annotations
 

@@ -12,9 +12,6 @@ import torch
 from .errors import ToolchainError
 from .schema import MethodSpec
 
-ADAPTER_METHODS = ("lora", "qlora", "dora", "rslora")
-
-
 def lora_config(method: MethodSpec, default_targets):
     from peft import LoraConfig
 

@@ -78,30 +78,20 @@ def accuracy(model, tok, rows: list[dict], metric: str, max_new_tokens: int, pro
 
 def check_gates(gates: dict, measured: dict, reference: dict, metric: str) -> list[dict]:
     """One entry per gate: name, limit, value, passed."""
-    out = []
     gates = {k: v for k, v in gates.items() if v is not None}  # unset gates
     ref = reference.get("torch_tuned", {})
+    values = {}  # gate -> measured value, in report order; min_* gates pass at or above the limit, max_* at or below
     if "max_perplexity_increase_pct" in gates and "perplexity" in ref:
-        inc = 100 * (measured["perplexity"] / ref["perplexity"] - 1)
-        out.append({"gate": "max_perplexity_increase_pct", "limit": gates["max_perplexity_increase_pct"],
-                    "value": inc, "passed": inc <= gates["max_perplexity_increase_pct"]})
-    if "min_metric_fraction" in gates and metric in ref and metric in measured and metric not in metrics.LOWER_IS_BETTER:
-        frac = measured[metric] / ref[metric] if ref[metric] else float("inf")
-        out.append({"gate": "min_metric_fraction", "limit": gates["min_metric_fraction"], "value": frac,
-                    "passed": frac >= gates["min_metric_fraction"]})
-    if "max_latency_ms_p95" in gates and "latency_ms_p95" in measured:
-        v = measured["latency_ms_p95"]
-        out.append({"gate": "max_latency_ms_p95", "limit": gates["max_latency_ms_p95"], "value": v,
-                    "passed": v <= gates["max_latency_ms_p95"]})
-    if "min_token_agreement_fp32" in gates and "token_agreement_fp32" in measured:
-        v = measured["token_agreement_fp32"]
-        out.append({"gate": "min_token_agreement_fp32", "limit": gates["min_token_agreement_fp32"], "value": v,
-                    "passed": v >= gates["min_token_agreement_fp32"]})
-    if "min_decode_tok_s" in gates and "decode_tok_s_p50" in measured:
-        v = measured["decode_tok_s_p50"]
-        out.append({"gate": "min_decode_tok_s", "limit": gates["min_decode_tok_s"], "value": v,
-                    "passed": v >= gates["min_decode_tok_s"]})
-    return out
+        values["max_perplexity_increase_pct"] = 100 * (measured["perplexity"] / ref["perplexity"] - 1)
+    if metric in ref and metric in measured and metric not in metrics.LOWER_IS_BETTER:
+        values["min_metric_fraction"] = measured[metric] / ref[metric] if ref[metric] else float("inf")
+    for gate, key in (("max_latency_ms_p95", "latency_ms_p95"), ("min_token_agreement_fp32", "token_agreement_fp32"),
+                      ("min_decode_tok_s", "decode_tok_s_p50")):
+        if key in measured:
+            values[gate] = measured[key]
+    return [{"gate": g, "limit": gates[g], "value": v,
+             "passed": v >= gates[g] if g.startswith("min_") else v <= gates[g]}
+            for g, v in values.items() if g in gates]
 
 
 def merge_gates(recipe_gates: dict, target_gates: dict) -> dict:

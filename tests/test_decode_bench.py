@@ -51,6 +51,26 @@ def test_perplexity_kl_and_agreement_by_hand():
     assert r["top1_agreement"] == pytest.approx(0.5)
 
 
+def test_delta_perplexity_interval():
+    # the by-hand case above: per-position differences ln(2/3) and ln 2, mean m, population spread sd
+    d = np.array([math.log(2 / 3), math.log(2)])
+    m, se = d.mean(), d.std() / math.sqrt(1)
+    s = LogitStats()
+    s.update(np.zeros((2, 2)), np.array([[math.log(3), 0.0], [0.0, math.log(3)]]), np.array([0, 0]))
+    lo, hi = s.result()["delta_ppl_ci95_pct"]
+    assert lo == pytest.approx(100 * math.expm1(m - 1.96 * se)) and hi == pytest.approx(100 * math.expm1(m + 1.96 * se))
+    assert lo < s.result()["delta_ppl_pct"] < hi
+    # the same difference at every position: no spread, the interval is the point
+    ref = np.tile(np.random.default_rng(3).normal(size=(1, 4)), (6, 1))
+    q = ref.copy()
+    q[:, 0] -= 0.1
+    s = LogitStats()
+    s.update(ref, q, np.zeros(6, dtype=int))
+    r = s.result()
+    assert r["delta_ppl_pct"] > 0
+    assert r["delta_ppl_ci95_pct"] == pytest.approx([r["delta_ppl_pct"]] * 2)
+
+
 def test_stats_accumulate_over_sequences_like_one_batch():
     rng = np.random.default_rng(1)
     ref, q = rng.normal(size=(9, 11)), rng.normal(size=(9, 11))

@@ -216,10 +216,15 @@ def _log_softmax(x):
 
 class LogitStats:
     """Accumulates, over sequences, reference and quantized logits [positions, vocab] with the next-token labels
-    [positions]: update(), then result()."""
+    [positions]: update(), then result().
+
+    Δperplexity comes with its 95% interval from the spread of the per-position log-likelihood differences (as
+    llama.cpp's perplexity tool reports it; positions in one text are not independent, so the interval is a lower
+    bound on the uncertainty). On a few thousand positions a Δperplexity of a few percent can be noise; the mean KL
+    is the steadier figure."""
 
     def __init__(self):
-        self.nll_ref = self.nll_q = self.kl = 0.0
+        self.nll_ref = self.nll_q = self.kl = self.d2 = 0.0
         self.agree = self.n = 0
 
     def update(self, ref_logits, q_logits, labels) -> None:
@@ -230,8 +235,10 @@ class LogitStats:
             raise ValueError(f"logits {ref.shape} / {q.shape} and labels {labels.shape} do not line up")
         lr, lq = _log_softmax(ref), _log_softmax(q)
         rows = np.arange(len(labels))
+        d = lr[rows, labels] - lq[rows, labels]  # per-position nll(quantized) - nll(reference)
         self.nll_ref -= float(lr[rows, labels].sum())
         self.nll_q -= float(lq[rows, labels].sum())
+        self.d2 += float((d * d).sum())
         self.kl += float((np.exp(lr) * (lr - lq)).sum())
         self.agree += int((ref.argmax(-1) == q.argmax(-1)).sum())
         self.n += len(labels)
@@ -239,6 +246,11 @@ class LogitStats:
     def result(self) -> dict:
         if not self.n:
             raise ValueError("LogitStats needs at least one scored position")
+        import math
+
         ppl_ref, ppl_q = perplexity(self.nll_ref, self.n), perplexity(self.nll_q, self.n)
+        mean = (self.nll_q - self.nll_ref) / self.n
+        se = math.sqrt(max(self.d2 / self.n - mean * mean, 0.0) / max(self.n - 1, 1))
         return {"positions": self.n, "ppl_ref": ppl_ref, "ppl": ppl_q, "delta_ppl_pct": 100 * (ppl_q / ppl_ref - 1),
+                "delta_ppl_ci95_pct": [100 * math.expm1(mean - 1.96 * se), 100 * math.expm1(mean + 1.96 * se)],
                 "top1_agreement": self.agree / self.n, "mean_kl": self.kl / self.n}

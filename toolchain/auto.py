@@ -2,7 +2,7 @@
 meets every gate of the recipe.
 
 Candidates: weight-only int4 variants of cpu-int4 (block size, symmetric/asymmetric, RTN/k-quant, lm_head
-int4/int8), dynamic int8, and the builder targets whose EP this host has (CUDA/DML/WebGPU; none on a CPU host).
+int4/int8, mixed int4/int8 projections), weight-only int8, and the builder targets whose EP this host has (CUDA/DML/WebGPU; none on a CPU host).
 Each is a full artifact under <run>/auto/<variant>/ with its own manifest and report; a candidate whose artifact
 is unchanged keeps its report (delete it, or --force, to re-measure). The choice, the rejected variants with the
 gate each missed, and the frontier plot go to <run>/auto/auto_report.{json,md} and frontier.png.
@@ -23,6 +23,10 @@ CANDIDATES = [
     ("int4-rtn-b128-sym", "cpu-int4", {"algo": "rtn", "block_size": 128, "symmetric": True}),
     ("int4-rtn-b32-asym-head8", "cpu-int4", {"algo": "rtn", "block_size": 32, "symmetric": False, "lm_head_bits": 8}),
     ("int4-kquant-b32", "cpu-int4", {"algo": "k_quant", "block_size": 32, "symmetric": False}),
+    # mixed: only gate/up of the middle layers in int4; qkv, o, down, the 3 first and 3 last layers and lm_head in
+    # 8-bit (llama.cpp Q4_K_M's fidelity on SmolLM2, bench/decode.py MIXED)
+    ("int4-mixed-int8", "cpu-int4", {"algo": "rtn", "block_size": 32, "symmetric": False, "lm_head_bits": 8,
+                                     "int8": ["qkv_proj", "o_proj", "down_proj"], "int8_edge_layers": 3}),
     ("int8", "cpu-int8", None),
 ]
 # Left out of the default list, with why (auto_report.md repeats it). `quantize: {algo: hqq}` in a recipe still builds it.

@@ -121,6 +121,11 @@ class QuantizeSpec(Strict):
     # SmolLM2 cpu-int4 202 -> 107 MB with held-out Δperplexity +16.3% vs +17.0% (bench/results/decode-tune-*.json).
     # chat-lora sets it; the default stays fp32 so the other recipes keep the gates they were measured against.
     embedding: Literal["fp32", "int4"] = "fp32"
+    # mixed int4/int8: these projections in 8-bit MatMulNBits in every decoder layer (qkv_proj also names separate
+    # q/k/v projections), and the first and last `int8_edge_layers` layers wholly in 8-bit. The KL-sensitive parts of
+    # SmolLM2: qkv, down, o and the edge layers (bench/decode.py MIXED; bench/results/decode-*.json, "mixed" rows).
+    int8: list[Literal["qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]] = []
+    int8_edge_layers: int = Field(0, ge=0)
 
 
 class Gates(Strict):

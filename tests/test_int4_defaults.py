@@ -1,5 +1,6 @@
 """cpu-int4 defaults chosen by bench/decode.py --tune: the int4 embedding table (GatherBlockQuantized, also when the
-builder ties it to lm_head through a Transpose) and the session options a cpu-int4 artifact ships with."""
+builder ties it to lm_head through a Transpose), mixed int4/int8 projections, and the session options a cpu-int4
+artifact ships with."""
 from __future__ import annotations
 
 import json
@@ -13,15 +14,26 @@ from toolchain.quantize import quantize
 from toolchain.schema import QuantizeSpec
 
 
-def test_cpu_int4_ships_without_intra_op_spinning(tmp_path):
+def test_cpu_int4_ships_its_spinning_choice_where_a_device_owner_can_change_it(tmp_path):
     (tmp_path / "genai_config.json").write_text(json.dumps({"model": {"decoder": {"session_options": {}}}}))
     targets.stamp_genai_config(tmp_path, targets.get("cpu-int4"))
     so = json.loads((tmp_path / "genai_config.json").read_text())["model"]["decoder"]["session_options"]
-    assert so["session.intra_op.allow_spinning"] == "0" and "cpu-int4" in so["log_id"]
+    assert so["session.intra_op.allow_spinning"] == "1" and "cpu-int4" in so["log_id"]
     (tmp_path / "genai_config.json").write_text(json.dumps({"model": {"decoder": {"session_options": {}}}}))
     targets.stamp_genai_config(tmp_path, targets.get("cpu-int8"))  # only the tuned target changes
     so = json.loads((tmp_path / "genai_config.json").read_text())["model"]["decoder"]["session_options"]
     assert "session.intra_op.allow_spinning" not in so
+
+
+def _prefill_logits(folder):
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=12)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.arange(5, 13, dtype=np.int32))
+    return np.asarray(gen.get_output("logits"), dtype=np.float32)[0]
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
@@ -43,7 +55,6 @@ def tiny_export(request, tiny_phi3, tmp_path_factory):
 
 def test_int4_embedding_is_block_quantized_and_runs(tiny_export, tmp_path):
     import onnx
-    import onnxruntime_genai as og
 
     tiny_export, tied = tiny_export
     fp32 = onnx.load(str(tiny_export / "model.onnx"), load_external_data=False).graph
@@ -60,15 +71,7 @@ def test_int4_embedding_is_block_quantized_and_runs(tiny_export, tmp_path):
     assert not any(n.op_type == "Transpose" and "embed_tokens" in n.name for n in graph.node)
     assert emb["size_mb"] <= plain["size_mb"]
 
-    def logits(folder):
-        model = og.Model(str(folder))
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=12)
-        gen = og.Generator(model, params)
-        gen.append_tokens(np.arange(5, 13, dtype=np.int32))
-        return np.asarray(gen.get_output("logits"), dtype=np.float32)[0]
-
-    a, b = logits(tmp_path / "plain"), logits(tmp_path / "emb")
+    a, b = _prefill_logits(tmp_path / "plain"), _prefill_logits(tmp_path / "emb")
     assert a.shape == b.shape and np.isfinite(b).all()
     # only the looked-up rows change, by their 4-bit rounding: close, not equal
     assert 0 < np.abs(a - b).max() < 0.5 * np.abs(a).max() + 1e-3
@@ -79,3 +82,40 @@ def test_the_default_recipe_quantizes_its_embedding_and_others_keep_theirs():
 
     assert load_recipe("chat-lora")[0].quantize.embedding == "int4"
     assert load_recipe("domain-adapt")[0].quantize.embedding == QuantizeSpec().embedding == "fp32"
+
+
+def test_mixed_int8_projections_and_edge_layers(tiny_export, tmp_path):
+    """`quantize.int8` / `int8_edge_layers`: the named projections and the edge layers in 8-bit MatMulNBits, the rest
+    int4, and the mix closer to fp32 than all-int4 on the same input."""
+    import re
+
+    import onnx
+
+    from toolchain.errors import ToolchainError
+
+    tiny_export, _ = tiny_export
+    base = dict(symmetric=False, embedding="fp32", lm_head_bits=8)
+    mixed = quantize(tiny_export, "cpu-int4", tmp_path / "mixed", QuantizeSpec(**base, int8=["qkv_proj", "down_proj"]))
+    edges = quantize(tiny_export, "cpu-int4", tmp_path / "edges", QuantizeSpec(**base, int8_edge_layers=1))
+
+    def widths(folder):
+        graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+        return {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"}
+
+    bits = widths(tmp_path / "mixed")
+    assert {b for n, b in bits.items() if re.search("qkv_proj|down_proj|lm_head", n)} == {8}
+    assert {b for n, b in bits.items() if re.search("o_proj|gate|up_proj", n)} == {4}
+    assert mixed["int8_matmuls"] == sum(b == 8 for b in bits.values()) and mixed["matmul_left_fp32"] == 0
+    # the tiny model has 2 layers: the first and the last one, whole, in 8-bit
+    layers = 1 + max(int(m.group(1)) for n in bits if (m := re.search(r"/layers\.(\d+)/", n)))
+    assert layers == 2 and set(widths(tmp_path / "edges").values()) == {8} and edges["matmul_left_fp32"] == 0
+    plain = quantize(tiny_export, "cpu-int4", tmp_path / "plain", QuantizeSpec(**base))
+    size = lambda f: sum(p.stat().st_size for p in (tmp_path / f).glob("model.onnx*"))  # noqa: E731
+    assert plain["int8_matmuls"] == 1 and size("mixed") > size("plain")
+
+    ref, a, b = (_prefill_logits(f) for f in (tiny_export, tmp_path / "plain", tmp_path / "mixed"))
+    assert np.abs(b - ref).mean() < np.abs(a - ref).mean()
+    from toolchain.quantize import _widths
+
+    with pytest.raises(ToolchainError, match="quantize.int8: no 'down_proj'"):  # a projection the graph lacks
+        _widths(["/model/layers.0/attn/qkv_proj/MatMul", "/lm_head/MatMul"], QuantizeSpec(int8=["down_proj"]))

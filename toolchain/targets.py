@@ -22,11 +22,12 @@ QDQ_ALSO = [{"provider": "VitisAI", "ep": "VitisAIExecutionProvider", "provider_
 
 TARGETS: dict[str, dict] = {
     "cpu-fp32": {"provider": "cpu", "ep": "CPUExecutionProvider", "precision": "fp32", "built_by": "quantize"},
-    # session_options: written into genai_config.json when packaged. No intra-op spinning: measured on the 2-core
-    # CPU (bench/decode.py --tune, bench/results/decode-tune-*.json) it is the largest single decode win when the CPU
-    # is shared, where the spinning pool thread takes time slices from the one doing the work.
+    # session_options: written into genai_config.json when packaged, where a device owner can change them. Intra-op
+    # threads spin while waiting (ONNX Runtime's default, and llama.cpp's): on the idle 2-core CPU, 2 threads decode
+    # SmolLM2 at 242 tok/s spinning against 145 not (bench/results/decode-*.json). On a CPU shared with other work
+    # set it to "0": there the spinning thread loses its time slices (41 vs 78 tok/s at load 3, decode-tune-*.json).
     "cpu-int4": {"provider": "cpu", "ep": "CPUExecutionProvider", "precision": "int4", "built_by": "quantize",
-                 "session_options": {"session.intra_op.allow_spinning": "0"}},
+                 "session_options": {"session.intra_op.allow_spinning": "1"}},
     "cpu-int8": {"provider": "cpu", "ep": "CPUExecutionProvider", "precision": "int8", "built_by": "quantize"},
     "cuda-fp16": {"provider": "cuda", "ep": "CUDAExecutionProvider", "precision": "fp16", "built_by": "builder"},
     "cuda-int4": {"provider": "cuda", "ep": "CUDAExecutionProvider", "precision": "int4", "built_by": "builder"},

@@ -2,7 +2,8 @@
 meets every gate of the recipe.
 
 Candidates: weight-only int4 variants of cpu-int4 (block size, symmetric/asymmetric, RTN/k-quant, lm_head
-int4/int8, mixed int4/int8 projections), weight-only int8, and the builder targets whose EP this host has (CUDA/DML/WebGPU; none on a CPU host).
+int4/int8, mixed int4/int8 projections), weight-only int8, and the builder targets whose EP this host has
+(CUDA/DML/WebGPU; none on a CPU host).
 Each is a full artifact under <run>/auto/<variant>/ with its own manifest and report; a candidate whose artifact
 is unchanged keeps its report (delete it, or --force, to re-measure). The choice, the rejected variants with the
 gate each missed, and the frontier plot go to <run>/auto/auto_report.{json,md} and frontier.png.

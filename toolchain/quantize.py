@@ -44,7 +44,7 @@ def _widths(names: list[str], spec: QuantizeSpec, bits: int = 4) -> dict[str, in
     out = {}
     for n in names:
         if "lm_head" in n:
-            out[n] = (spec.lm_head_bits if spec.lm_head else 0)
+            out[n] = spec.lm_head_bits if spec.lm_head else 0
         elif n in layer and (layer[n] < spec.int8_edge_layers or layer[n] >= n_layers - spec.int8_edge_layers):
             out[n] = 8
         else:

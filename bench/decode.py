@@ -79,7 +79,7 @@ def ours(merged: Path, recipe: str) -> dict[str, dict]:
     from toolchain.export import export
     from toolchain.fsutil import sha256_file
     from toolchain import targets
-    from toolchain.quantize import INT8, quantize
+    from toolchain.quantize import quantize, spec_for
     from toolchain.schema import QuantizeSpec
     from toolchain.targets import stamp_genai_config
 
@@ -92,7 +92,7 @@ def ours(merged: Path, recipe: str) -> dict[str, dict]:
     mixed = QuantizeSpec(**{**spec.model_dump(), **MIXED})
     out = {}
     for name, folder, target, sp in (("ours cpu-fp32", "cpu-fp32", "cpu-fp32", None),
-                                     ("ours cpu-int8", "cpu-int8", "cpu-int8", INT8),
+                                     ("ours cpu-int8", "cpu-int8", "cpu-int8", spec_for("cpu-int8", None)),
                                      ("ours cpu-int4", "cpu-int4", "cpu-int4", spec),
                                      (MIXED_NAME, "cpu-int4-mixed", "cpu-int4", mixed)):
         d = root / folder

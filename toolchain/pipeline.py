@@ -148,9 +148,9 @@ def build_target(r: Run, target: str, spec=None, name: Optional[str] = None, out
             r.ex_dir, qdq.calibration_seqs(r.mg_dir, r.recipe, r.rec_file), o))
         exporter = r.exporter
     else:
-        from .quantize import INT8, quantize
+        from .quantize import quantize, spec_for
 
-        spec = INT8 if target == "cpu-int8" else spec or r.recipe.quantize  # cpu-int8's settings are fixed
+        spec = spec_for(target, spec or r.recipe.quantize)
         q_dir, q_key, q = r.st.run(f"quantize-{name}", {"export": r.ex_key, "target": target, "spec": spec.model_dump()},
                                    lambda o: quantize(r.ex_dir, target, o, spec))
         exporter = r.exporter

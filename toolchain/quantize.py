@@ -67,7 +67,6 @@ def _nbits(src: Path, dst: Path, spec: QuantizeSpec, bits: int = 4) -> dict:
     model = onnx.load(str(src))
     widths = _widths([n.name for n in model.graph.node if n.op_type == "MatMul"], spec, bits)
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # one INFO line per node otherwise
-    q = None
     for width in (4, 8):  # one pass per width; nodes_to_include only adds to the op types, exclusion restricts
         if width in widths.values():
             q = mnb.MatMulNBitsQuantizer(model, bits=width, block_size=spec.block_size, is_symmetric=spec.symmetric,
@@ -116,9 +115,15 @@ def _embedding_as_constant(model) -> None:
             model.graph.node.remove(tr)
 
 
+def spec_for(target: str, spec: QuantizeSpec | None) -> QuantizeSpec:
+    """The settings `target` is built with (and keyed by in the stage cache): cpu-int8's are fixed, cpu-int4 takes
+    the recipe's."""
+    return INT8 if target == "cpu-int8" else spec or QuantizeSpec()
+
+
 def quantize(onnx_dir: Path, target: str, out: Path, spec: QuantizeSpec | None = None) -> dict:
     """Write the quantized model folder for `target`; returns what was done (also in quantize_report.json)."""
-    onnx_dir, spec = Path(onnx_dir), spec or QuantizeSpec()
+    onnx_dir, spec = Path(onnx_dir), spec_for(target, spec)
     if target not in TARGETS:
         other = f" ('{target}' is built by `toolchain edge --target {target}`)" if target in ALL_TARGETS else ""
         raise ToolchainError(f"`toolchain quantize` builds {', '.join(TARGETS)}{other}; `toolchain targets` lists all")
@@ -130,7 +135,7 @@ def quantize(onnx_dir: Path, target: str, out: Path, spec: QuantizeSpec | None =
             if p.is_file() and (target == "cpu-fp32" or not p.name.startswith(MODEL)) and p.name != "export_report.json":
                 shutil.copy2(p, tmp / p.name)
         info = {"cpu-fp32": lambda: {}, "cpu-int4": lambda: _nbits(onnx_dir / MODEL, tmp / MODEL, spec),
-                "cpu-int8": lambda: _nbits(onnx_dir / MODEL, tmp / MODEL, INT8, bits=8)}[target]()
+                "cpu-int8": lambda: _nbits(onnx_dir / MODEL, tmp / MODEL, spec, bits=8)}[target]()
         report = {"target": target, **TARGETS[target], **info, "seconds": round(time.time() - t0, 1),
                   "size_mb": round(sum(p.stat().st_size for p in tmp.glob(MODEL + "*")) / 1e6, 1)}
         (tmp / "quantize_report.json").write_text(json.dumps(report, indent=2))

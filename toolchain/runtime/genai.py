@@ -8,6 +8,8 @@ from typing import Optional
 
 import numpy as np
 
+from .metrics import log_softmax
+
 
 def load(folder: Path, provider: str = "cpu", options: Optional[dict] = None):
     """(model, tokenizer) for an onnxruntime-genai folder, on the given execution provider (onnxruntime-genai's
@@ -70,7 +72,5 @@ def nll(model, input_ids: list[int], labels: list[int]) -> tuple[float, int]:
     logits = np.asarray(gen.get_output("logits"), dtype=np.float32)[0]  # [seq, vocab]
     lab = np.asarray(labels[1:])
     keep = lab != -100
-    x = logits[:-1][keep]
-    x = x - x.max(axis=-1, keepdims=True)
-    logp = x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-    return float(-logp[np.arange(len(x)), lab[keep]].sum()), int(keep.sum())
+    logp = log_softmax(logits[:-1][keep])
+    return float(-logp[np.arange(len(logp)), lab[keep]].sum()), int(keep.sum())

@@ -206,10 +206,10 @@ def task_scores(metric: str, predictions: Sequence, references: Sequence, constr
 # numpy only (a device can run it).
 
 
-def _log_softmax(x):
+def log_softmax(x):
+    """Log-probabilities over the last axis, in x's own float dtype."""
     import numpy as np
 
-    x = np.asarray(x, dtype=np.float64)
     x = x - x.max(axis=-1, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
@@ -233,12 +233,12 @@ class LogitStats:
         ref, q, labels = np.asarray(ref_logits), np.asarray(q_logits), np.asarray(labels)
         if ref.shape != q.shape or ref.ndim != 2 or labels.shape != ref.shape[:1]:
             raise ValueError(f"logits {ref.shape} / {q.shape} and labels {labels.shape} do not line up")
-        lr, lq = _log_softmax(ref), _log_softmax(q)
+        lr, lq = log_softmax(ref.astype(np.float64)), log_softmax(q.astype(np.float64))
         rows = np.arange(len(labels))
-        d = lr[rows, labels] - lq[rows, labels]  # per-position nll(quantized) - nll(reference)
-        self.nll_ref -= float(lr[rows, labels].sum())
-        self.nll_q -= float(lq[rows, labels].sum())
-        self.d2 += float((d * d).sum())
+        r, k = lr[rows, labels], lq[rows, labels]  # log-likelihood of each label, reference and quantized
+        self.nll_ref -= float(r.sum())
+        self.nll_q -= float(k.sum())
+        self.d2 += float(((r - k) ** 2).sum())  # per-position nll(quantized) - nll(reference), squared
         self.kl += float((np.exp(lr) * (lr - lq)).sum())
         self.agree += int((ref.argmax(-1) == q.argmax(-1)).sum())
         self.n += len(labels)

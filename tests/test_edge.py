@@ -87,17 +87,20 @@ def test_tampering_with_one_byte_fails_validation(tiny_run, tmp_path):
 
 
 def test_validate_on_device_imports_no_torch_and_enforces_gates(tiny_run, tmp_path):
-    """The device path: `toolchain validate` with torch, transformers and peft made unimportable."""
+    """The device path: `toolchain validate` (with prompt lookup) with torch, transformers and peft made
+    unimportable."""
     import shutil
 
     _, _, rep = tiny_run
     art = tmp_path / "device"
     shutil.copytree(rep["headline"]["artifact"], art)
-    code = BLOCK_TORCH + "import sys; from toolchain.cli import main; sys.argv = ['toolchain', 'validate', sys.argv[1], '--json']; main()"
-    r = subprocess.run([sys.executable, "-c", code, str(art)], capture_output=True, text=True, cwd=REPO)
+    code = BLOCK_TORCH + "import sys; from toolchain.cli import main; sys.argv = ['toolchain', 'validate', *sys.argv[1:], '--json']; main()"
+    r = subprocess.run([sys.executable, "-c", code, str(art), "--lookup", "3"], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout[r.stdout.index("{"):r.stdout.rindex("}") + 1])
     assert out["validated"] and out["measured"]["perplexity"] > 0
+    assert "prompt lookup" in out["decoding"] and out["measured"]["lookup_decode_tok_s_p50"] > 0
+    assert out["measured"]["answers_decode_tok_s"] > 0
     # a gate nobody can meet: exit 1, and the gate is named
     man = json.loads((art / "manifest.json").read_text())
     man["recipe"]["gates"] = {"min_decode_tok_s": 1e9}
@@ -129,15 +132,18 @@ def test_smollm2_default_chain_short(tmp_path):
     assert 0 <= h["artifact_metric"] <= 1 and rep["reference"]["onnx_fp32"]["eval_examples"] == 8
 
 
-def test_readme_device_snippet_runs(tiny_run):
-    """The README's onnxruntime-genai script, run as written next to a cpu-int4 folder."""
+def test_readme_device_snippets_run(tiny_run):
+    """The README's device scripts (onnxruntime-genai's loop, then ours with prompt lookup), run as written next to a
+    cpu-int4 folder, without torch."""
     _, _, rep = tiny_run
     readme = (REPO / "README.md").read_text()
-    code = readme[readme.index("```python") + len("```python"):]
-    code = code[: code.index("```")].replace("max_length=256", "max_length=64")
-    r = subprocess.run([sys.executable, "-c", BLOCK_TORCH + code], capture_output=True, text=True,
-                       cwd=Path(rep["headline"]["artifact"]).parent)
-    assert r.returncode == 0, r.stderr
+    blocks = readme.split("```python")[1:3]
+    assert len(blocks) == 2 and "lookup=" in blocks[1]
+    for code in blocks:
+        code = code[: code.index("```")].replace("max_length=256", "max_length=64")
+        r = subprocess.run([sys.executable, "-c", BLOCK_TORCH + code], capture_output=True, text=True,
+                           cwd=Path(rep["headline"]["artifact"]).parent)
+        assert r.returncode == 0, r.stderr
 
 
 def test_validate_with_own_data_tokenizes_on_device(tiny_run, tmp_path):

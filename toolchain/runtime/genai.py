@@ -1,4 +1,5 @@
-"""ONNX Runtime GenAI on an artifact folder: greedy generation with timings, and prompt log-likelihoods. No torch."""
+"""ONNX Runtime GenAI on an artifact folder: greedy generation with timings (optionally with prompt-lookup
+decoding), and prompt log-likelihoods. No torch."""
 from __future__ import annotations
 
 import time
@@ -8,6 +9,7 @@ from typing import Optional
 
 import numpy as np
 
+from .lookup import decode as lookup_decode
 from .metrics import log_softmax
 
 
@@ -33,6 +35,7 @@ class Generation:
     prompt_tokens: int
     ttft_s: float  # prompt processed and first new token chosen
     decode_s: float  # the remaining new tokens
+    steps: int = 0  # forward passes after the first token (one per token without lookup)
 
     @property
     def decode_tok_s(self) -> float:
@@ -40,8 +43,15 @@ class Generation:
         return n / self.decode_s if n > 0 and self.decode_s > 0 else float("nan")
 
 
-def generate(model, prompt_ids: list[int], max_new_tokens: int, force_length: bool = False) -> Generation:
-    """Greedy decoding. force_length keeps going past end-of-sequence, for timing a fixed number of tokens."""
+def generate(model, prompt_ids: list[int], max_new_tokens: int, force_length: bool = False, lookup: int = 0,
+             eos: tuple[int, ...] = ()) -> Generation:
+    """Greedy decoding. force_length keeps going past end-of-sequence, for timing a fixed number of tokens.
+    lookup > 0: prompt-lookup decoding (runtime/lookup.py), with drafts of up to `lookup` tokens. Its tokens are
+    greedy's, except at near-ties in a quantized model: its int8-activation MatMulNBits kernels give a position
+    slightly different logits in a multi-token pass than in a one-token pass. `eos`: the end-of-sequence ids
+    (og.Tokenizer.eos_token_ids), needed with lookup."""
+    if lookup > 0:
+        return _generate_lookup(model, prompt_ids, max_new_tokens, force_length, lookup, tuple(eos))
     import onnxruntime_genai as og
 
     params = og.GeneratorParams(model)
@@ -58,7 +68,35 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, force_length: bo
         if t_first is None:
             t_first = time.perf_counter()
     end = time.perf_counter()
-    return Generation(out, len(prompt_ids), (t_first or end) - t0, end - (t_first or end))
+    return Generation(out, len(prompt_ids), (t_first or end) - t0, end - (t_first or end), max(len(out) - 1, 0))
+
+
+def _generate_lookup(model, prompt_ids: list[int], max_new: int, force_length: bool, k: int,
+                     eos: tuple[int, ...]) -> Generation:
+    import onnxruntime_genai as og
+
+    masked, stop = (list(eos), ()) if force_length else ([], eos)  # masked: min_length's effect in the plain loop
+
+    def greedy(logits) -> np.ndarray:
+        logits = np.array(logits, dtype=np.float32).reshape(-1, logits.shape[-1])
+        logits[:, masked] = -np.inf
+        return logits.argmax(-1)
+
+    def forward(tokens: list[int]) -> np.ndarray:
+        gen.append_tokens(np.asarray(tokens, dtype=np.int32))
+        return greedy(gen.get_output("logits")[0])
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt_ids) + max_new + 1)
+    gen = og.Generator(model, params)
+    t0 = time.perf_counter()
+    gen.append_tokens(np.asarray(prompt_ids, dtype=np.int32))
+    first = int(greedy(gen.get_logits())[-1])
+    t_first = time.perf_counter()
+    out, steps = lookup_decode(prompt_ids, first, forward, lambda n: gen.rewind_to(gen.token_count() - n),
+                               max_new, k, stop)
+    end = time.perf_counter()
+    return Generation(out, len(prompt_ids), t_first - t0, end - t_first, steps)
 
 
 def nll(model, input_ids: list[int], labels: list[int]) -> tuple[float, int]:

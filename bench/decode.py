@@ -9,8 +9,8 @@ What it does:
   1. The merged fp32 HF model: `--merged DIR`, or the chat-lora pipeline's merged stage (`toolchain edge` stages,
      reused when cached).
   2. Our artifacts, built from it with the toolchain's own stages: the fp32 export (onnxruntime-genai builder), then
-     cpu-fp32, cpu-int8 and cpu-int4 (the recipe's `quantize:` settings), the mixed int4/int8 variant (MIXED), plus
-     the builder's own int4 defaults.
+     cpu-fp32, cpu-int8 and cpu-int4 (the recipe's `quantize:` settings), the mixed int4/int8 variant (MIXED),
+     cpu-int4 with its lm_head pruned to the last position (speed only), plus the builder's own int4 defaults.
   3. llama.cpp: the merged model converted to an f32 GGUF by llama.cpp's own converter (convert_hf_to_gguf.py from
      the llama-cpp-python source distribution), then Q4_0 and Q4_K_M by llama.cpp's quantizer
      (llama_cpp.llama_model_quantize).
@@ -90,11 +90,13 @@ def ours(merged: Path, recipe: str) -> dict[str, dict]:
         export(merged, fp32, exporter="genai")
     spec = load_recipe(recipe)[0].quantize
     mixed = QuantizeSpec(**{**spec.model_dump(), **MIXED})
+    pruned = QuantizeSpec(**{**spec.model_dump(), "prune_lm_head": True})
     out = {}
     for name, folder, target, sp in (("ours cpu-fp32", "cpu-fp32", "cpu-fp32", None),
                                      ("ours cpu-int8", "cpu-int8", "cpu-int8", spec_for("cpu-int8", None)),
                                      ("ours cpu-int4", "cpu-int4", "cpu-int4", spec),
-                                     (MIXED_NAME, "cpu-int4-mixed", "cpu-int4", mixed)):
+                                     (MIXED_NAME, "cpu-int4-mixed", "cpu-int4", mixed),
+                                     (PRUNED_NAME, "cpu-int4-pruned", "cpu-int4", pruned)):
         d = root / folder
         key = json.dumps(sp.model_dump(), sort_keys=True) if sp else ""
         stamp_file = d / ".bench-spec"
@@ -104,7 +106,8 @@ def ours(merged: Path, recipe: str) -> dict[str, dict]:
             quantize(fp32, target, d, sp)
             stamp_file.write_text(key)
         stamp_genai_config(d, targets.get(target))  # the session defaults an artifact ships with
-        out[name] = {"kind": "genai", "path": str(d)}
+        # the pruned model's weights are cpu-int4's, and it has no logits to score but the last position's
+        out[name] = {"kind": "genai", "path": str(d), "no_quality": sp is pruned}
     out["ort-genai builder int4 (defaults)"] = {"kind": "genai", "path": str(builder_int4(merged, root / "builder-int4"))}
     return out
 
@@ -115,6 +118,7 @@ def ours(merged: Path, recipe: str) -> dict[str, dict]:
 # 24 layers stay int4. On all 48 chunks: KL 0.052 (without o_proj 0.062) against Q4_K_M's 0.059.
 MIXED = {"int8": ["qkv_proj", "o_proj", "down_proj"], "int8_edge_layers": 3, "lm_head_bits": 8}
 MIXED_NAME = "ours cpu-int4 mixed (gate/up int4, rest int8)"
+PRUNED_NAME = "ours cpu-int4 pruned lm_head (last-position logits)"
 
 # The cpu-int4 tuning matrix (`--tune`): name -> how it is built and run. "spec": QuantizeSpec overrides on the recipe's
 # (our quantize stage); "builder": onnxruntime-genai builder int4 options; "session": genai session_options overlay.
@@ -641,8 +645,8 @@ def main() -> None:
                 slot["greedy_prefix_match_vs_torch"] = same
     if not args.no_quality:
         qkeep = [s.strip() for s in args.quality_only.split(",") if s.strip()]
-        results["quality"] = quality({k: v for k, v in models.items()
-                                      if not qkeep or v["kind"] == "torch" or any(s in k for s in qkeep)}, ids["quality"])
+        results["quality"] = quality({k: v for k, v in models.items() if not v.get("no_quality") and (
+                                      not qkeep or v["kind"] == "torch" or any(s in k for s in qkeep))}, ids["quality"])
     results["loadavg_end"] = loadavg()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -119,3 +119,35 @@ def test_mixed_int8_projections_and_edge_layers(tiny_export, tmp_path):
 
     with pytest.raises(ToolchainError, match="quantize.int8: no 'down_proj'"):  # a projection the graph lacks
         _widths(["/model/layers.0/attn/qkv_proj/MatMul", "/lm_head/MatMul"], QuantizeSpec(int8=["down_proj"]))
+
+
+def test_pruned_lm_head_gives_the_last_positions_logits_and_scores_token_by_token(tiny_export, tmp_path):
+    """`quantize.prune_lm_head`: onnxruntime-genai takes the graph as pruned (one position from a prompt), the last
+    position's logits and the greedy tokens are the unpruned model's, perplexity still comes out (one token per pass),
+    and prompt lookup refuses it with the key to change."""
+    import onnx
+
+    from toolchain.errors import ToolchainError
+    from toolchain.runtime import genai
+
+    tiny_export, _ = tiny_export
+    base = dict(symmetric=False, embedding="int4")
+    full = quantize(tiny_export, "cpu-int4", tmp_path / "full", QuantizeSpec(**base))
+    pruned = quantize(tiny_export, "cpu-int4", tmp_path / "pruned", QuantizeSpec(**base, prune_lm_head=True))
+    assert pruned["logits"] == "last position only" and full["logits"] == "every position"
+    assert pruned["matmulnbits"] == full["matmulnbits"]
+    out = next(o for o in onnx.load(str(tmp_path / "pruned" / "model.onnx"), load_external_data=False).graph.output
+               if o.name == "logits")
+    assert out.type.tensor_type.shape.dim[1].dim_value == 1
+
+    a, b = _prefill_logits(tmp_path / "full"), _prefill_logits(tmp_path / "pruned")
+    assert a.shape[0] == 8 and b.shape[0] == 1
+    np.testing.assert_allclose(b[0], a[-1], atol=1e-4)
+    (fm, _), (pm, _) = genai.load(tmp_path / "full"), genai.load(tmp_path / "pruned")
+    ids = list(range(5, 25))
+    assert genai.generate(pm, ids, 12, force_length=True).tokens == genai.generate(fm, ids, 12, force_length=True).tokens
+    labels = [-100] * 5 + ids[5:]
+    (na, ca), (nb, cb) = genai.nll(fm, ids, labels), genai.nll(pm, ids, labels)
+    assert ca == cb == 15 and nb == pytest.approx(na, rel=1e-3)
+    with pytest.raises(ToolchainError, match="prune_lm_head"):
+        genai.generate(pm, ids, 12, lookup=3, eos=(0,))

@@ -9,6 +9,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..errors import ToolchainError
 from .lookup import decode as lookup_decode
 from .metrics import log_softmax
 
@@ -27,6 +28,9 @@ def load(folder: Path, provider: str = "cpu", options: Optional[dict] = None):
             cfg.set_provider_option(provider, k, str(v))
     model = og.Model(cfg)
     return model, og.Tokenizer(model)
+
+
+PRUNED = "this model computes logits for the last position only (quantize.prune_lm_head)"
 
 
 @dataclass
@@ -84,7 +88,11 @@ def _generate_lookup(model, prompt_ids: list[int], max_new: int, force_length: b
 
     def forward(tokens: list[int]) -> np.ndarray:
         gen.append_tokens(np.asarray(tokens, dtype=np.int32))
-        return greedy(gen.get_output("logits")[0])
+        logits = gen.get_output("logits")[0]
+        if len(logits) != len(tokens):
+            raise ToolchainError(PRUNED + "; prompt lookup checks every drafted position: decode without lookup, or "
+                                 "rebuild with `prune_lm_head: false`")
+        return greedy(logits)
 
     params = og.GeneratorParams(model)
     params.set_search_options(do_sample=False, max_length=len(prompt_ids) + max_new + 1)
@@ -108,6 +116,12 @@ def nll(model, input_ids: list[int], labels: list[int]) -> tuple[float, int]:
     gen = og.Generator(model, params)
     gen.append_tokens(np.asarray(input_ids, dtype=np.int32))
     logits = np.asarray(gen.get_output("logits"), dtype=np.float32)[0]  # [seq, vocab]
+    if len(logits) != len(input_ids):  # PRUNED: one token per pass instead
+        gen = og.Generator(model, params)
+        logits = np.empty((len(input_ids), logits.shape[-1]), dtype=np.float32)
+        for i, t in enumerate(input_ids):
+            gen.append_tokens(np.asarray([t], dtype=np.int32))
+            logits[i] = gen.get_output("logits")[0, -1]
     lab = np.asarray(labels[1:])
     keep = lab != -100
     logp = log_softmax(logits[:-1][keep])

@@ -139,3 +139,19 @@ def test_llama_rows_need_llama_cpp_python(decode):
         pytest.skip("llama-cpp-python is installed: nothing to check about its absence")
     with pytest.raises(ImportError):
         decode.llama_models(Path("unused"))
+
+
+def test_lookup_table_compares_with_llama_plain_at_the_same_threads():
+    spec = importlib.util.spec_from_file_location("bench_lookup", REPO / "bench" / "lookup.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def row(runtime, t, k, text, chat):
+        w = lambda v: {"decode_tok_s": v, "tokens_per_step": 1.0, "same_as_plain": 2, "prompts": 2}  # noqa: E731
+        return {"runtime": runtime, "threads": t, "k": k, "text": w(text), "chat": w(chat)}
+
+    md = mod.table({"rows": [row("llama.cpp Q4_0", 1, 0, 100.0, 50.0), row("ours cpu-int4", 1, 3, 150.0, 40.0),
+                             row("llama.cpp Q4_0", 2, 0, 200.0, 80.0), row("ours cpu-int4", 2, 3, 300.0, 100.0)]})
+    lines = md.splitlines()
+    assert "| ours cpu-int4 | 1 | lookup k=3 | 150.0 | 1.50x |" in lines[3] and "| 40.0 | 0.80x |" in lines[3]
+    assert "| 300.0 | 1.50x |" in lines[5] and "| 100.0 | 1.25x |" in lines[5] and "| plain |" in lines[4]

@@ -310,11 +310,11 @@ def _genai_run(model, ids: list[int], new: int) -> dict:
 
 
 class _Llama:
-    def __init__(self, path: str, threads: int, n_ctx: int):
+    def __init__(self, path: str, threads: int, n_ctx: int, logits_all: bool = False):
         from llama_cpp import Llama
 
         self.llm = Llama(model_path=path, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
-                         n_threads_batch=threads, verbose=False)
+                         n_threads_batch=threads, logits_all=logits_all, verbose=False)
 
     def _next(self) -> int:
         """Greedy: argmax of the last position's logits (Llama.eval keeps them only with logits_all)."""

@@ -48,10 +48,8 @@ def _workloads(merged: Path, recipe: str) -> dict:
 
 
 def worker(job: dict) -> dict:
-    import numpy as np
-
     from toolchain.runtime import genai
-    from toolchain.runtime.lookup import decode
+    from toolchain.runtime.lookup import decode, greedy
 
     k, eos = job["k"], tuple(job["eos"])
     if job["kind"] == "genai":
@@ -61,20 +59,15 @@ def worker(job: dict) -> dict:
             g = genai.generate(model, ids, new, force_length=force, lookup=k, eos=eos)
             return g.tokens, g.decode_s, g.steps
     else:
-        from llama_cpp import Llama
-
-        llm = Llama(model_path=job["path"], n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=job["threads"],
-                    n_threads_batch=job["threads"], logits_all=True, verbose=False)
+        llm = D._Llama(job["path"], job["threads"], 1024, logits_all=True).llm  # every checked position's logits
 
         def run(ids, new, force):
-            masked, stop = (list(eos), ()) if force else ([], eos)
+            masked, stop = (eos, ()) if force else ((), eos)
 
             def forward(tokens):
                 n0 = llm.n_tokens
                 llm.eval(tokens)
-                logits = np.array(llm.scores[n0:n0 + len(tokens)], dtype=np.float32)
-                logits[:, masked] = -np.inf
-                return logits.argmax(-1)
+                return greedy(llm.scores[n0:n0 + len(tokens)], masked)
 
             def rewind(n):
                 llm.n_tokens -= n  # Llama.eval drops the KV cache past n_tokens before its next batch

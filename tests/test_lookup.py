@@ -85,7 +85,7 @@ def tiny_fp32(tiny_phi3, tmp_path_factory):
 
 def test_genai_lookup_matches_greedy_on_an_fp32_model(tiny_fp32):
     model, tok = tiny_fp32
-    eos = tuple(int(e) for e in tok.eos_token_ids)
+    eos = genai.eos_ids(tok)
     prompt = [int(x) for x in tok.encode("Book 2 seats in Oslo. Book 2 seats in Oslo. Book 2 seats in")]
     plain = genai.generate(model, prompt, 48, force_length=True)
     for k in (2, 8):
@@ -101,7 +101,7 @@ def test_genai_lookup_matches_greedy_on_an_fp32_model(tiny_fp32):
 def test_latency_reports_lookup_beside_plain(tiny_fp32):
     model, tok = tiny_fp32
     prompt = [int(x) for x in tok.encode("Book 2 seats in Oslo. Book 2 seats in")]
-    lat = latency(model, prompt, new_tokens=24, runs=1, lookup=8, eos=tuple(int(e) for e in tok.eos_token_ids))
+    lat = latency(model, prompt, new_tokens=24, runs=1, lookup=8, eos=genai.eos_ids(tok))
     assert lat["decode_tok_s_p50"] > 0 and lat["lookup_decode_tok_s_p50"] > 0
     assert lat["lookup_token_agreement"] == 1.0 and lat["lookup_tokens_per_step"] >= 1.0
     assert "lookup_decode_tok_s_p50" not in latency(model, prompt, new_tokens=8, runs=1)

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import ToolchainError
 from .lookup import decode as lookup_decode
+from .lookup import greedy
 from .metrics import log_softmax
 
 
@@ -28,6 +29,11 @@ def load(folder: Path, provider: str = "cpu", options: Optional[dict] = None):
             cfg.set_provider_option(provider, k, str(v))
     model = og.Model(cfg)
     return model, og.Tokenizer(model)
+
+
+def eos_ids(tok) -> tuple[int, ...]:
+    """The tokenizer's end-of-sequence ids, as generate(lookup=...) takes them."""
+    return tuple(int(e) for e in tok.eos_token_ids)
 
 
 PRUNED = "this model computes logits for the last position only (quantize.prune_lm_head)"
@@ -53,7 +59,7 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, force_length: bo
     lookup > 0: prompt-lookup decoding (runtime/lookup.py), with drafts of up to `lookup` tokens. Its tokens are
     greedy's, except at near-ties in a quantized model: its int8-activation MatMulNBits kernels give a position
     slightly different logits in a multi-token pass than in a one-token pass. `eos`: the end-of-sequence ids
-    (og.Tokenizer.eos_token_ids), needed with lookup."""
+    (eos_ids(tok)), needed with lookup."""
     if lookup > 0:
         return _generate_lookup(model, prompt_ids, max_new_tokens, force_length, lookup, tuple(eos))
     import onnxruntime_genai as og
@@ -79,12 +85,7 @@ def _generate_lookup(model, prompt_ids: list[int], max_new: int, force_length: b
                      eos: tuple[int, ...]) -> Generation:
     import onnxruntime_genai as og
 
-    masked, stop = (list(eos), ()) if force_length else ([], eos)  # masked: min_length's effect in the plain loop
-
-    def greedy(logits) -> np.ndarray:
-        logits = np.array(logits, dtype=np.float32).reshape(-1, logits.shape[-1])
-        logits[:, masked] = -np.inf
-        return logits.argmax(-1)
+    masked, stop = (eos, ()) if force_length else ((), eos)  # masked: min_length's effect in the plain loop
 
     def forward(tokens: list[int]) -> np.ndarray:
         gen.append_tokens(np.asarray(tokens, dtype=np.int32))
@@ -92,14 +93,14 @@ def _generate_lookup(model, prompt_ids: list[int], max_new: int, force_length: b
         if len(logits) != len(tokens):
             raise ToolchainError(PRUNED + "; prompt lookup checks every drafted position: decode without lookup, or "
                                  "rebuild with `prune_lm_head: false`")
-        return greedy(logits)
+        return greedy(logits, masked)
 
     params = og.GeneratorParams(model)
     params.set_search_options(do_sample=False, max_length=len(prompt_ids) + max_new + 1)
     gen = og.Generator(model, params)
     t0 = time.perf_counter()
     gen.append_tokens(np.asarray(prompt_ids, dtype=np.int32))
-    first = int(greedy(gen.get_logits())[-1])
+    first = int(greedy(gen.get_logits(), masked)[-1])
     t_first = time.perf_counter()
     out, steps = lookup_decode(prompt_ids, first, forward, lambda n: gen.rewind_to(gen.token_count() - n),
                                max_new, k, stop)

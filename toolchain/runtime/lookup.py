@@ -28,6 +28,13 @@ def draft(context: Sequence[int], k: int, ngram: tuple[int, int] = NGRAM) -> lis
     return []
 
 
+def greedy(logits, masked: Sequence[int] = ()) -> np.ndarray:
+    """Each row's argmax over the last axis, `masked` token ids excluded (end-of-sequence while a length is forced)."""
+    logits = np.array(logits, dtype=np.float32).reshape(-1, np.shape(logits)[-1])
+    logits[:, list(masked)] = -np.inf
+    return logits.argmax(-1)
+
+
 def decode(context: list[int], first: int, forward: Callable[[list[int]], np.ndarray], rewind: Callable[[int], None],
            max_new: int, k: int, stop: Sequence[int] = ()) -> tuple[list[int], int]:
     """Greedy tokens after `first` (already chosen, not yet fed), up to max_new in all or a `stop` token (kept).

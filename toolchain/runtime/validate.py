@@ -75,7 +75,7 @@ def accuracy(model, tok, rows: list[dict], metric: str, max_new_tokens: int, pro
     generated = []
     if gen_rows and metric in metrics.GENERATIVE:
         agree, decoded, decode_s = [], 0, 0.0
-        eos = tuple(int(e) for e in tok.eos_token_ids)
+        eos = genai.eos_ids(tok)
         for i, r in enumerate(gen_rows):
             g = genai.generate(model, r["prompt_ids"], max_new_tokens, lookup=lookup, eos=eos)
             generated.append(g.tokens)
@@ -173,7 +173,7 @@ def validate(folder: Path, data: Optional[Path] = None, progress=None, lookup: i
     rec = man["recipe"]
     t0 = time.time()
     lat = latency(model, rows[0].get("prompt_ids") or rows[0]["input_ids"], lookup=lookup,
-                  eos=tuple(int(e) for e in tok.eos_token_ids))
+                  eos=genai.eos_ids(tok))
     acc, _ = accuracy(model, tok, rows, rec["metric"]["name"], rec["metric"]["max_new_tokens"], progress, lookup)
     measured = {**lat, **acc, "size_mb": _size_mb(folder, man),
                 "peak_rss_mb": peak_rss_mb()}

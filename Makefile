@@ -1,4 +1,5 @@
-# The three commands a user needs: `make setup`, `make edge`, `make test` (and `make bench`: decode speed vs llama.cpp).
+# The three commands a user needs: `make setup`, `make edge`, `make test` (`make test-all`: the full suite;
+# `make bench`: decode speed vs llama.cpp).
 PY        ?= python3
 VENV      := .venv
 BIN       := $(VENV)/bin
@@ -20,7 +21,7 @@ WHEELS     := .cache/wheels
 LLAMA_CMAKE ?= -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 BENCH_ARGS ?=
 
-.PHONY: setup edge test bench clean
+.PHONY: setup edge test test-all bench clean
 
 setup: $(STAMP)
 
@@ -37,7 +38,12 @@ $(STAMP): pyproject.toml
 edge: setup
 	$(BIN)/toolchain edge --recipe $(RECIPE) --out $(OUT) $(EDGE_ARGS)
 
+# make test: the fast default tier (minutes, tiny random models); make test-all: every test, the real SmolLM2
+# weights, DeepSpeed ranks and every target included (what CI runs).
 test: setup
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+test-all: setup
 	$(BIN)/python -m pytest -q tests
 
 bench: setup

@@ -67,21 +67,24 @@ def dir_size_mb(path: Path, pattern: str = "*") -> float:
 def merged_model(args) -> Path:
     if args.merged:
         return Path(args.merged)
+    from toolchain.config.catalog import load_recipe
+    from toolchain.config.sources import resolve
     from toolchain.pipeline import prepare
 
-    return prepare(None, args.recipe, Path(args.artifacts)).mg_dir
+    rec, rec_file = load_recipe(args.recipe)
+    return prepare(resolve(rec.model), rec, rec_file, Path(args.artifacts)).merged
 
 
 def ours(merged: Path, recipe: str) -> dict[str, dict]:
     """Our cpu targets from the merged folder, with the toolchain's export/quantize/build functions, cached by the
     merged weights' stamp."""
-    from toolchain.catalog import load_recipe
-    from toolchain.export import export
-    from toolchain.fsutil import sha256_file
-    from toolchain import targets
-    from toolchain.quantize import quantize, spec_for
-    from toolchain.schema import QuantizeSpec
-    from toolchain.targets import stamp_genai_config
+    from toolchain.config.catalog import load_recipe
+    from toolchain.stages.export.decoder import export
+    from toolchain.runtime.fsutil import sha256_file
+    from toolchain.config import targets
+    from toolchain.stages.quantize.nbits import quantize, spec_for
+    from toolchain.config.schema import QuantizeSpec
+    from toolchain.config.targets import stamp_genai_config
 
     stamp = sha256_file(merged / "model.safetensors")[:12]
     root = WORK / f"ours-{stamp}"
@@ -150,15 +153,15 @@ TUNE = {
 
 
 def tune_models(merged: Path, recipe: str, names: list[str] | None = None) -> dict[str, dict]:
-    from toolchain.catalog import load_recipe
-    from toolchain.fsutil import sha256_file
-    from toolchain.quantize import quantize
-    from toolchain.schema import QuantizeSpec
+    from toolchain.config.catalog import load_recipe
+    from toolchain.runtime.fsutil import sha256_file
+    from toolchain.stages.quantize.nbits import quantize
+    from toolchain.config.schema import QuantizeSpec
 
     root = WORK / f"ours-{sha256_file(merged / 'model.safetensors')[:12]}"
     fp32 = root / "export-fp32"
     if not (fp32 / "model.onnx").is_file():
-        from toolchain.export import export
+        from toolchain.stages.export.decoder import export
 
         export(merged, fp32, exporter="genai")
     base = load_recipe(recipe)[0].quantize.model_dump()
@@ -183,14 +186,14 @@ def builder_int4(merged: Path, out: Path, options: tuple[str, ...] = ()) -> Path
     """onnxruntime-genai's builder, int4 for the CPU EP, with its defaults (plus `options`)."""
     import tempfile
 
-    from toolchain.export import _export_genai
+    from toolchain.stages.export.decoder import export_genai
 
     if not (out / "model.onnx").is_file():
         with tempfile.TemporaryDirectory(prefix="bench-build-") as work:
             tmp = out.with_name(out.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            _export_genai(merged, tmp, "int4", Path(work), False, "cpu", options)
+            export_genai(merged, tmp, "int4", Path(work), False, "cpu", options)
             tmp.rename(out)
     return out
 
@@ -216,7 +219,7 @@ def llama_converter() -> Path:
 def llama_models(merged: Path) -> dict[str, dict]:
     """The merged model as llama.cpp GGUFs: f32 by llama.cpp's converter, Q4_0 and Q4_K_M by llama.cpp's quantizer."""
     import llama_cpp
-    from toolchain.fsutil import sha256_file
+    from toolchain.runtime.fsutil import sha256_file
 
     root = WORK / f"gguf-{sha256_file(merged / 'model.safetensors')[:12]}"
     root.mkdir(parents=True, exist_ok=True)
@@ -258,7 +261,7 @@ def inputs(merged: Path, recipe: str) -> dict:
     sequences (held-out text chunks and held-out conversations with the chat template)."""
     from transformers import AutoTokenizer
 
-    from toolchain.catalog import load_recipe
+    from toolchain.config.catalog import load_recipe
 
     tok = AutoTokenizer.from_pretrained(str(merged))
     text_rows = [json.loads(x) for x in (REPO / "recipes/data/domain-adapt/eval.jsonl").read_text().splitlines() if x]
@@ -601,9 +604,11 @@ def main() -> None:
     lengths = [int(x) for x in args.prompts.split(",")]
     prompts = {str(n): ids["prompt_stream"][:n] for n in lengths}
     threads = [int(x) for x in args.threads.split(",")]
+    import provenance
+
     results = {"date": date, "loadavg_start": loadavg(), "merged": str(merged), "recipe": args.recipe,
                "new_tokens": args.new_tokens, "reps": args.reps, "rounds": args.rounds, "cpu_count": os.cpu_count(),
-               "command": " ".join([Path(sys.executable).name, *sys.argv]), "versions": versions(), "speed": [],
+               **provenance.fields(), "versions": versions(), "speed": [],
                "quality": {}}
     rows = {}
     for rnd in range(args.rounds):

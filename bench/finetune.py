@@ -55,7 +55,7 @@ def recipe_with(overrides: dict, steps: int, folder: Path) -> Path:
 
 
 def heldout_loss(net, tok, ds) -> float:
-    from toolchain.evaluate import heldout_nll
+    from toolchain.hf.evaluate import heldout_nll
 
     nll, n = heldout_nll(net, ds.eval[:EVAL_EXAMPLES], tok.pad_token_id)
     return nll / n
@@ -64,16 +64,16 @@ def heldout_loss(net, tok, ds) -> float:
 def run_ours(model: str, recipe: Path, out: Path) -> dict:
     from peft import PeftModel
 
-    from toolchain import data as data_mod
-    from toolchain.catalog import load_recipe
-    from toolchain.finetune import finetune
-    from toolchain.hf import load_causal_lm, load_tokenizer
-    from toolchain.sources import resolve
+    from toolchain.hf import data as data_mod
+    from toolchain.config.catalog import load_recipe
+    from toolchain.stages.finetune.decoder import finetune
+    from toolchain.hf.models import load_causal_lm, load_tokenizer
+    from toolchain.config.sources import resolve
 
-    res = finetune(model, str(recipe), out, evaluate=False)
     src = resolve(model)
-    tok = load_tokenizer(src.path)
     rec, rec_file = load_recipe(str(recipe))
+    res = finetune(src, rec, rec_file, out, evaluate=False)
+    tok = load_tokenizer(src.path)
     net = PeftModel.from_pretrained(load_causal_lm(src.path), out / "adapter")
     t = res["train"]
     return {"tokens_per_s": t["tokens_per_s"], "tokens_per_cpu_s": t["tokens_per_s"] * t["seconds"] / t["cpu_seconds"],
@@ -89,12 +89,12 @@ def run_trainer(model: str, recipe: Path, out: Path) -> dict:
     from torch.utils.data import SequentialSampler
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
-    from toolchain import data as data_mod
-    from toolchain.catalog import load_recipe
-    from toolchain.finetune import step_indices
-    from toolchain.hf import load_causal_lm, load_tokenizer
-    from toolchain.methods import lora_config
-    from toolchain.sources import resolve
+    from toolchain.hf import data as data_mod
+    from toolchain.config.catalog import load_recipe
+    from toolchain.stages.finetune.batching import step_indices
+    from toolchain.hf.models import load_causal_lm, load_tokenizer
+    from toolchain.stages.finetune.methods import lora_config
+    from toolchain.config.sources import resolve
 
     rec, rec_file = load_recipe(str(recipe))
     src = resolve(model)
@@ -179,7 +179,9 @@ def main() -> None:
     print(table)
     out = REPO / "bench/results" / f"finetune-{datetime.date.today()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": " ".join(sys.argv), "model": a.model, "steps": a.steps, "host_cpus": os.cpu_count(),
+    from provenance import fields
+
+    out.write_text(json.dumps({**fields(), "model": a.model, "steps": a.steps, "host_cpus": os.cpu_count(),
                                "load_avg_at_end": os.getloadavg(), "results": results, "table": table}, indent=2))
     print(f"written: {out}", file=sys.stderr)
 

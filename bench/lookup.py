@@ -35,7 +35,7 @@ sys.path.insert(0, str(D.REPO))
 def _workloads(merged: Path, recipe: str) -> dict:
     from transformers import AutoTokenizer
 
-    from toolchain.catalog import load_recipe
+    from toolchain.config.catalog import load_recipe
 
     stream = D.inputs(merged, recipe)["prompt_stream"]
     tok = AutoTokenizer.from_pretrained(str(merged))
@@ -113,8 +113,10 @@ def main() -> None:
     llama = D.llama_models(merged)["llama.cpp Q4_0"]["path"]
     w = _workloads(merged, args.recipe)
     ks = [0, *[int(x) for x in args.k.split(",") if int(x) > 0]]
+    import provenance
+
     res = {"date": datetime.date.today().isoformat(), "loadavg_start": D.loadavg(), "merged": str(merged),
-           "command": " ".join([Path(sys.executable).name, *sys.argv]), "versions": D.versions(), "rows": []}
+           **provenance.fields(), "versions": D.versions(), "rows": []}
     for t in [int(x) for x in args.threads.split(",")]:
         for name, kind, path in (("ours cpu-int4", "genai", ours), ("llama.cpp Q4_0", "llama", llama)):
             for k in ks:

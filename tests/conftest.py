@@ -10,6 +10,24 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the suite never touches the network
 
+
+def pytest_configure(config):
+    """Each test session gets its own TOOLCHAIN_HOME (converted weights, cached base scores), removed at the end,
+    so no run reads what another left behind. TOOLCHAIN_TEST_HOME keeps one across sessions, for debugging."""
+    import tempfile
+
+    keep = os.environ.get("TOOLCHAIN_TEST_HOME")
+    home = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="toolchain-test-home-"))
+    config._toolchain_home = None if keep else home
+    os.environ["TOOLCHAIN_HOME"] = str(home)
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    if getattr(config, "_toolchain_home", None):
+        shutil.rmtree(config._toolchain_home, ignore_errors=True)
+
 PHI3_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
     "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
@@ -55,9 +73,41 @@ def tiny_phi3(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
     """The real SmolLM2 weights, converted once from the shipped GGUF into the toolchain cache."""
-    from toolchain.sources import resolve
+    from toolchain.config.sources import resolve
 
     return resolve("smollm2-135m").path
+
+
+def finetune(model: str, recipe: str, out: Path, *, max_steps=None, method=None, data=None, evaluate: bool = True,
+             launcher: str = "none", nproc: int = 2, zero: int = 2) -> dict:
+    """The fine-tune stage as `toolchain finetune` calls it: the recipe loaded with its overrides, the model
+    resolved, then the stage with those objects."""
+    from toolchain.config.catalog import load_recipe
+    from toolchain.config.schema import Launch
+    from toolchain.config.sources import resolve
+    from toolchain.stages.finetune.decoder import finetune as run
+
+    rec, rec_file = load_recipe(recipe, max_steps=max_steps, method=method)
+    return run(resolve(model), rec, rec_file, Path(out), data=Path(data) if data else None, evaluate=evaluate,
+               launch=Launch(launcher=launcher, nproc=nproc, zero=zero))
+
+
+def merge(model: str, adapter: Path, out: Path, merge_into=None) -> dict:
+    """The merge stage as `toolchain merge` calls it: the base resolved, then the stage."""
+    from toolchain.config.sources import resolve
+    from toolchain.stages.merge import merge as run
+
+    return run(resolve(model), Path(adapter), Path(out), merge_into=merge_into)
+
+
+def prepare(model: str, recipe: str, out: Path):
+    """pipeline.prepare as pipeline.edge calls it."""
+    from toolchain import pipeline
+    from toolchain.config.catalog import load_recipe
+    from toolchain.config.sources import resolve
+
+    rec, rec_file = load_recipe(recipe)
+    return pipeline.prepare(resolve(model), rec, rec_file, Path(out))
 
 
 def tiny_recipe_file(folder: Path, **overrides) -> Path:
@@ -88,7 +138,7 @@ def make_tiny_bert(out: Path) -> Path:
     import torch
     from transformers import BertConfig, BertModel
 
-    from toolchain.sources import resolve
+    from toolchain.config.sources import resolve
 
     minilm = resolve("minilm-l6").path
     torch.manual_seed(0)

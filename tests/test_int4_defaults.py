@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from toolchain import targets
-from toolchain.export import export
-from toolchain.quantize import quantize
-from toolchain.schema import QuantizeSpec
+from toolchain.config import targets
+from toolchain.stages.export.decoder import export
+from toolchain.stages.quantize.nbits import quantize
+from toolchain.config.schema import QuantizeSpec
 
 
 def test_cpu_int4_ships_its_spinning_choice_where_a_device_owner_can_change_it(tmp_path):
@@ -78,7 +78,7 @@ def test_int4_embedding_is_block_quantized_and_runs(tiny_export, tmp_path):
 
 
 def test_the_default_recipe_quantizes_its_embedding_and_others_keep_theirs():
-    from toolchain.catalog import load_recipe
+    from toolchain.config.catalog import load_recipe
 
     assert load_recipe("chat-lora")[0].quantize.embedding == "int4"
     assert load_recipe("domain-adapt")[0].quantize.embedding == QuantizeSpec().embedding == "fp32"
@@ -91,7 +91,7 @@ def test_mixed_int8_projections_and_edge_layers(tiny_export, tmp_path):
 
     import onnx
 
-    from toolchain.errors import ToolchainError
+    from toolchain.runtime.errors import ToolchainError
 
     tiny_export, _ = tiny_export
     base = dict(symmetric=False, embedding="fp32", lm_head_bits=8)
@@ -115,10 +115,10 @@ def test_mixed_int8_projections_and_edge_layers(tiny_export, tmp_path):
 
     ref, a, b = (_prefill_logits(f) for f in (tiny_export, tmp_path / "plain", tmp_path / "mixed"))
     assert np.abs(b - ref).mean() < np.abs(a - ref).mean()
-    from toolchain.quantize import _widths
+    from toolchain.stages.quantize.nbits import bit_widths
 
     with pytest.raises(ToolchainError, match="quantize.int8: no 'down_proj'"):  # a projection the graph lacks
-        _widths(["/model/layers.0/attn/qkv_proj/MatMul", "/lm_head/MatMul"], QuantizeSpec(int8=["down_proj"]))
+        bit_widths(["/model/layers.0/attn/qkv_proj/MatMul", "/lm_head/MatMul"], QuantizeSpec(int8=["down_proj"]))
 
 
 def test_pruned_lm_head_gives_the_last_positions_logits_and_scores_token_by_token(tiny_export, tmp_path):
@@ -127,7 +127,7 @@ def test_pruned_lm_head_gives_the_last_positions_logits_and_scores_token_by_toke
     and prompt lookup refuses it with the key to change."""
     import onnx
 
-    from toolchain.errors import ToolchainError
+    from toolchain.runtime.errors import ToolchainError
     from toolchain.runtime import genai
 
     tiny_export, _ = tiny_export

@@ -76,7 +76,7 @@ def test_lookup_loop_stops_at_a_stop_token_and_keeps_it():
 
 @pytest.fixture(scope="module")
 def tiny_fp32(tiny_phi3, tmp_path_factory):
-    from toolchain.export import export
+    from toolchain.stages.export.decoder import export
 
     out = tmp_path_factory.mktemp("lookup") / "fp32"
     export(tiny_phi3, out, exporter="genai")

@@ -14,10 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, tiny_recipe_file
-from toolchain.errors import ToolchainError
-from toolchain.finetune import finetune, micro_batches, step_indices
-from toolchain.hf import load_causal_lm
-from toolchain.merge import merge
+from toolchain.runtime.errors import ToolchainError
+from conftest import finetune
+from toolchain.stages.finetune.batching import micro_batches, step_indices
+from toolchain.hf.models import load_causal_lm
+from conftest import merge
 
 NO_DROPOUT = {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0}
 
@@ -144,7 +145,7 @@ def test_deepspeed_errors_are_clear(tiny_phi3, tmp_path):
 
 
 def test_base_scores_are_computed_once_per_model_and_eval_split(tiny_phi3, tmp_path, monkeypatch):
-    import toolchain.finetune as ft
+    import toolchain.stages.finetune.decoder as ft
 
     calls = []
     real = ft.score
@@ -158,8 +159,39 @@ def test_base_scores_are_computed_once_per_model_and_eval_split(tiny_phi3, tmp_p
 
 
 def test_cpu_training_uses_eager_attention(tiny_phi3):
-    from toolchain import methods
-    from toolchain.schema import MethodSpec
+    from toolchain.stages.finetune import methods
+    from toolchain.config.schema import MethodSpec
 
     net = methods.trainable(load_causal_lm(tiny_phi3), MethodSpec(), None, bf16_base=False, checkpointing=False)
     assert net.base_model.model.config._attn_implementation == "eager"  # the CPU SDPA backward is slow (methods.py)
+
+
+def test_a_killed_rank_ends_the_job_with_its_cause(tiny_phi3, tmp_path):
+    """torch.distributed.run: when one rank dies the others are stopped, the command fails at once with one error
+    naming the failure, and nothing is written."""
+    rec = tiny_recipe_file(tmp_path, method=NO_DROPOUT, train={"max_steps": 5000, "batch_size": 4, "bf16": "off",
+                                                                "checkpoint_every": 0})
+    out = tmp_path / "ds"
+    proc = subprocess.Popen([sys.executable, "-m", "toolchain", "finetune", "--model", str(tiny_phi3), "--recipe",
+                             str(rec), "--out", str(out), "--no-eval", "--nproc", "2"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim, deadline = None, time.time() + 300
+    while victim is None and time.time() < deadline and proc.poll() is None:  # rank 1, once it is training
+        for pid in os.listdir("/proc"):
+            try:
+                env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+                cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+            except (OSError, ValueError):
+                continue
+            if b"toolchain.stages.finetune.worker" in cmd and b"RANK=1" in env and b"TOOLCHAIN_DS_WORKER=1" in env:
+                victim = int(pid)
+        time.sleep(0.5)
+    assert victim is not None, "rank 1 never started"
+    time.sleep(8)  # into training
+    os.kill(victim, signal.SIGKILL)
+    killed = time.time()
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 2 and time.time() - killed < 120
+    assert "DeepSpeed ranks failed" in err and "nothing written" in err and "torch.distributed.run" in err
+    assert "SIGKILL" in err or "-9" in err  # the launcher's summary names how the rank died
+    assert not out.exists()

@@ -12,9 +12,10 @@ import pytest
 from conftest import REPO, short_recipe_file
 from test_catalog_cli import run_cli
 from test_runtime_torch_free import BLOCK_TORCH
-from toolchain import catalog, pipeline
-from toolchain.data import read_jsonl
-from toolchain.errors import ToolchainError
+from toolchain.config import catalog
+from toolchain import pipeline
+from toolchain.hf.data import read_jsonl
+from toolchain.runtime.errors import ToolchainError
 from toolchain.runtime import encoder as rt
 from toolchain.runtime import metrics
 
@@ -66,7 +67,7 @@ def test_generated_data_is_reproducible(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", DECODER)
 def test_decoder_recipe_finetunes_and_scores(name, tiny_phi3, tmp_path):
     """A couple of steps on the tiny Phi-3: base and tuned get every figure of the recipe's metric family."""
-    from toolchain.finetune import finetune
+    from conftest import finetune
 
     rec = short_recipe_file(tmp_path, name, train={"max_steps": 2, "batch_size": 2}, data={"max_length": 400},
                             metric={"eval_limit": 4, "max_new_tokens": 6, "batch_size": 4})

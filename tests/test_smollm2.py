@@ -6,9 +6,9 @@ import json
 import torch
 from peft import PeftModel
 
-from toolchain.finetune import finetune
-from toolchain.hf import load_causal_lm, load_tokenizer
-from toolchain.merge import merge
+from conftest import finetune
+from toolchain.hf.models import load_causal_lm, load_tokenizer
+from conftest import merge
 
 
 def test_smollm2_short_finetune_and_merge(smollm2, tiny_recipe, tmp_path):

@@ -9,7 +9,7 @@ import sys
 import onnxruntime as ort
 import pytest
 
-from conftest import REPO
+from conftest import REPO, prepare
 from toolchain import auto as auto_mod
 from toolchain import pipeline
 from toolchain.runtime.validate import validate
@@ -111,7 +111,7 @@ def test_npu_qdq_keeps_the_kv_cache_float(tiny, tiny_phi3):
     import onnx
 
     out, rec = tiny
-    art = pipeline.build_target(pipeline.prepare(str(tiny_phi3), str(rec), out), "npu-qdq")
+    art = pipeline.build_target(prepare(str(tiny_phi3), str(rec), out), "npu-qdq")
     kv, _ = _kv_names(art)
     g = onnx.load(str(art / "model.onnx"), load_external_data=False).graph
     qdq = [n for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
@@ -132,11 +132,11 @@ def test_npu_qdq_decode_tracks_fp32(tiny, tiny_phi3):
     import numpy as np
 
     out, rec = tiny
-    r = pipeline.prepare(str(tiny_phi3), str(rec), out)
+    r = prepare(str(tiny_phi3), str(rec), out)
     art = pipeline.build_target(r, "npu-qdq")
     _, dec = _kv_names(art)
     layers, shape = dec["num_hidden_layers"], (1, dec["num_key_value_heads"], 0, dec["head_size"])
-    sess = [ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"]) for d in (r.ex_dir, art)]
+    sess = [ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"]) for d in (r.export, art)]
 
     def step(s, ids, past, total):
         feed = {"input_ids": np.asarray([ids], np.int64), "attention_mask": np.ones((1, total), np.int64),
@@ -228,7 +228,7 @@ def test_auto_end_to_end_small(tiny, tiny_phi3, monkeypatch):
 @pytest.mark.parametrize("target,provider", [("cuda-fp16", "cuda"), ("dml-int4", "dml"), ("webgpu-int4", "webgpu")])
 def test_other_builder_targets_name_their_ep(tiny, tiny_phi3, target, provider):
     out, rec = tiny
-    r = pipeline.prepare(str(tiny_phi3), str(rec), out)
+    r = prepare(str(tiny_phi3), str(rec), out)
     art = pipeline.build_target(r, target)
     man = json.loads((art / "manifest.json").read_text())["target"]
     so = json.loads((art / "genai_config.json").read_text())["model"]["decoder"]["session_options"]

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from conftest import REPO
-from toolchain.errors import ToolchainError
-from toolchain.finetune import finetune
-from toolchain.hf import load_causal_lm, load_tokenizer
-from toolchain.merge import merge
+from toolchain.runtime.errors import ToolchainError
+from conftest import finetune
+from toolchain.hf.models import load_causal_lm, load_tokenizer
+from conftest import merge
 
 
 def test_finetune_then_merge(tiny_phi3, tiny_recipe, tmp_path):
@@ -57,9 +57,9 @@ def test_merge_refuses_quantized_base_and_bad_adapter(tiny_phi3, tmp_path):
 
 
 def test_loss_on_trained_positions_equals_the_models_loss(tiny_phi3):
-    from toolchain import data
-    from toolchain.finetune import causal_lm_loss
-    from toolchain.hf import collate
+    from toolchain.hf import data
+    from toolchain.stages.finetune.batching import causal_lm_loss
+    from toolchain.hf.models import collate
 
     tok = load_tokenizer(tiny_phi3)
     rows = data.read_jsonl(REPO / "recipes/data/chat-lora/train.jsonl")[:4]

@@ -1,3 +1,3 @@
-from .cli import main
+from toolchain.cli import main
 
 main()

@@ -14,7 +14,9 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from .targets import TARGETS, ep_available
+from toolchain.config.targets import TARGETS
+from toolchain.runtime.contracts import Report
+from toolchain.runtime.providers import ep_available
 
 # (variant, base target, changes to the recipe's quantize: section)
 CANDIDATES = [
@@ -89,7 +91,7 @@ def choose(cands: list[dict]) -> dict:
             "qualified": [c["name"] for c in sorted(ok, key=lambda c: (c["size_mb"], -(c["decode_tok_s"] or 0)))]}
 
 
-def _cached_report(art: Path) -> Optional[dict]:
+def cached_report(art: Path) -> Optional[dict]:
     """The report validate wrote after the artifact was last (re)packaged, if it scored the shipped eval split."""
     f = art / "report.json"
     if not f.is_file():
@@ -98,30 +100,10 @@ def _cached_report(art: Path) -> Optional[dict]:
     return rep if rep.get("data") == "eval.jsonl" and rep.get("validated") else None
 
 
-def auto(r) -> dict:
-    """Build, validate and choose, for a prepared pipeline.Run."""
-    from .pipeline import build_target, console, validate_artifact
-    from .report import auto_markdown, frontier_plot
-
-    metric = r.recipe.metric.name
-    folder = r.root / "auto"
-    cands, reports = [], {}
-    for name, base, change in candidates():
-        spec = r.recipe.quantize.model_copy(update=change) if change else None
-        art = build_target(r, base, spec=spec, name=name, out=folder / name)
-        rep = None if r.st.force else _cached_report(art)
-        if rep:
-            console.print(f"[dim]{name}: artifact unchanged, reusing its report[/dim]")
-        else:
-            rep = validate_artifact(r, art)
-        reports[name] = rep
-        cands.append(summarize(name, rep, metric))
+def result(cands: list[dict], recipe, reference: dict, folder: Path) -> dict:
+    """auto's report: the choice among the validated candidates, with every candidate and the dropped variants."""
     choice = choose(cands)
-    out = {"target": "auto", "validated": True, "status": "passed" if choice["pick"] else "gates_missed",
-           "passed": choice["pick"] is not None, "metric": metric, "gates_spec": r.recipe.gates.model_dump(),
-           "reference": r.reference, **choice, "candidates": cands, "dropped": DROPPED,
-           "artifact": str(folder / choice["pick"]) if choice["pick"] else None}
-    (folder / "auto_report.json").write_text(json.dumps(out, indent=2))
-    frontier_plot(out, folder / "frontier.png")
-    (folder / "auto_report.md").write_text(auto_markdown(out))
-    return out
+    return Report(target="auto", validated=True, status="passed" if choice["pick"] else "gates_missed",
+                  passed=choice["pick"] is not None, metric=recipe.metric.name, gates_spec=recipe.gates.model_dump(),
+                  reference=reference, **choice, candidates=cands, dropped=DROPPED,
+                  artifact=str(folder / choice["pick"]) if choice["pick"] else None).out()

@@ -1,225 +1,253 @@
 """The mission as code: take a language model to a folder you can copy to a device, with a report you can trust.
 
-    finetune -> merge -> export -> quantize -> package -> validate
-    (PEFT)      (HF)     (ONNX)    (int4/8)    (manifest) (ORT: latency, accuracy, gates)
+    finetune -> merge -> export -> reference -> quantize -> package -> validate
+    (PEFT)      (HF)     (ONNX)    (fp32 ONNX)  (int4/8)    (manifest) (ORT: latency, accuracy, gates)
 
-Each stage is one module with one entry function. `edge` runs them for one model, recipe and target, under
-artifacts/<model>-<recipe>/: intermediate folders in stages/, the artifact in <target>/. A stage whose inputs are
-unchanged is reused (content-hashed key in stages/.keys/); every stage writes atomically, so a run killed
-mid-stage resumes at that stage. --force redoes everything.
+Each stage is a module under stages/ with one entry function that takes the resolved model and recipe (config/)
+and writes one folder. `edge` runs them for one model, recipe and target, under artifacts/<model>-<recipe>/:
+intermediate folders in stages/, the artifact in <target>/. The engine reuses a stage whose inputs are unchanged
+(content-hashed key in stages/.keys/); every stage writes atomically, so a run killed mid-stage resumes at that
+stage. --force redoes everything. Encoders (classify-encoder, ner) take the same chain with their own stage
+functions and no GenAI folder.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
-from rich.console import Console
-
-from . import targets
-from .catalog import load_recipe
-from .errors import ToolchainError
-from .fsutil import sha256_file
-from .sources import resolve
-
-console = Console(stderr=True)
-
-
-class Stages:
-    """Content-hashed stage cache: a stage is reused when its key (hash of its inputs) is the one recorded."""
-
-    def __init__(self, root: Path, force: bool):
-        self.root, self.force, self.lineage = root, force, []
-        (root / "stages" / ".keys").mkdir(parents=True, exist_ok=True)
-
-    def run(self, name: str, inputs: dict, fn: Callable[[Path], dict], out: Optional[Path] = None) -> tuple[Path, str, dict]:
-        out = out or self.root / "stages" / name
-        key = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        rec = self.root / "stages" / ".keys" / f"{name}.json"
-        if not self.force and out.exists() and rec.is_file() and json.loads(rec.read_text())["key"] == key:
-            console.print(f"[dim]{name}: inputs unchanged ({key}), reusing {out}[/dim]")
-            summary = json.loads(rec.read_text())["summary"]
-        else:
-            console.print(f"[bold]{name}[/bold] -> {out}")
-            summary = fn(out)
-            rec.write_text(json.dumps({"key": key, "inputs": inputs, "summary": summary}, indent=2, default=str))
-        self.lineage.append({"stage": name, "key": key, "out": str(out)})
-        return out, key, summary
+from toolchain import auto as auto_mod
+from toolchain import report as report_mod
+from toolchain.config import targets
+from toolchain.config.catalog import load_recipe
+from toolchain.config.schema import Launch, QuantizeSpec, Recipe
+from toolchain.config.sources import Resolved, resolve
+from toolchain.engine import Stages, console, files_hash, validate_in_own_process
+from toolchain.runtime.contracts import Manifest
+from toolchain.runtime.errors import ToolchainError
+from toolchain.runtime.manifest import EVAL_FILE
 
 
-def _files_hash(paths: list[Path]) -> str:
-    return hashlib.sha256("".join(sha256_file(p) for p in sorted(paths)).encode()).hexdigest()[:16]
-
-
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class Run:
     """The shared stages of one model and recipe: everything a target is built from."""
     st: Stages
     root: Path
-    card: dict
-    recipe: object
+    src: Resolved
+    recipe: Recipe
     rec_file: Path
     exporter: str
-    trust_remote_code: bool
-    ft_key: str
-    ft_in: dict
-    mg_dir: Path
-    mg_key: str
-    ex_dir: Path
-    ex_key: str
-    rf_dir: Path
-    rf_key: str
-    reference: dict
-    training: dict
+    inputs: dict  # hashes of the base weights and the data: the manifest's `inputs`
+    finetune_key: str
+    merged: Path
+    merged_key: str
+    export: Path
+    export_key: str
+    reference_dir: Path
+    reference_key: str
+    reference: dict  # torch_base, torch_tuned, onnx_fp32 figures
+    training: dict  # method, precision, ranks, ZeRO stage
     base_lineage: list
 
 
-def prepare(model: Optional[str], recipe: str, out: Path = Path("artifacts"), exporter: Optional[str] = None,
-            max_steps: Optional[int] = None, model_path: Optional[str] = None, trust_remote_code: bool = False,
-            force: bool = False, launch: Optional[dict] = None, src=None) -> Run:
-    """finetune -> merge -> export (fp32) -> reference, each reused when its inputs are unchanged. `src`: the
-    model already resolved by the caller."""
-    from .export import export
-    from .finetune import finetune
-    from .merge import merge
-    from .reference import reference
+def _inputs(src: Resolved, rec: Recipe, rec_file: Path) -> dict:
+    weights = sorted(src.path.glob("*.safetensors")) + [src.path / "config.json"]
+    data_files = [rec_file.parent / f for f in (rec.data.train, rec.data.eval) if f]
+    return {"weights": files_hash(weights), "data": files_hash(data_files)}
 
-    rec, rec_file = load_recipe(recipe)
-    launch = dict(launch or {})
-    if launch.get("method"):
-        rec.method.type = launch["method"]  # a --method override shows in the stage keys and the manifest
-    model = model or rec.model
-    src = src or resolve(model, model_path, trust_remote_code)  # fails fast, before any work
+
+def _scores(scores: Optional[dict]) -> dict:
+    """Torch scores without the sample predictions (the manifest and reports carry figures only)."""
+    return {k: v for k, v in (scores or {}).items() if k != "samples"}
+
+
+def prepare(src: Resolved, rec: Recipe, rec_file: Path, out: Path = Path("artifacts"), exporter: Optional[str] = None,
+            force: bool = False, launch: Launch = Launch()) -> Run:
+    """finetune -> merge -> export (fp32) -> reference, each reused when its inputs are unchanged."""
+    from toolchain.stages.export.decoder import export
+    from toolchain.stages.finetune.decoder import finetune
+    from toolchain.stages.merge import merge
+    from toolchain.stages.reference import reference
+
     if rec.task == "ner":
         raise ToolchainError(f"recipe '{rec.name}' labels tokens and runs on an encoder; model '{src.card.name}' is a "
                              f"decoder. Use an encoder card (--model minilm-l6) or leave --model out")
-    name = src.card.name
-    run = Path(out) / f"{name}-{rec.name}"
-    st = Stages(run, force)
-    weights = sorted(src.path.glob("*.safetensors")) + [src.path / "config.json"]
-    data_files = [rec_file.parent / f for f in (rec.data.train, rec.data.eval) if f]
+    root = Path(out) / f"{src.card.name}-{rec.name}"
+    st = Stages(root, force)
+    inputs = _inputs(src, rec, rec_file)
     trained = rec.model_dump(include={"data", "method", "train", "metric"})
     trained["method"].pop("merge_into")  # a merge setting: changes the merged stage, not the fine-tune
-    ft_in = {"model": name, "weights": _files_hash(weights), "recipe": trained,
-             "data": _files_hash(data_files), "max_steps": max_steps}
-    if launch.get("launcher", "none") != "none":
-        ft_in["launch"] = launch
-    ft_dir, ft_key, ft = st.run("finetune", ft_in, lambda o: finetune(model, recipe, o, max_steps=max_steps,
-                                model_path=model_path, trust_remote_code=trust_remote_code, **launch))
+    ft_in = {"model": src.card.name, **inputs, "recipe": trained}
+    if launch.launcher != "none":
+        ft_in["launch"] = launch.model_dump()
+    ft = st.run("finetune", ft_in, lambda o: finetune(src, rec, rec_file, o, launch=launch))
     merge_into = rec.method.merge_into if rec.method.type == "qlora" else None
-    mg_dir, mg_key, _ = st.run("merged", {"finetune": ft_key, "merge_into": merge_into}, lambda o: merge(
-        model, ft_dir, o, model_path=model_path, trust_remote_code=trust_remote_code, merge_into=merge_into))
+    mg = st.run("merged", {"finetune": ft.key, "merge_into": merge_into},
+                lambda o: merge(src, ft.out, o, merge_into=merge_into))
     exporter = exporter or src.card.exporter
-    ex_dir, ex_key, _ = st.run(f"export-{exporter}", {"merged": mg_key, "exporter": exporter},
-                               lambda o: export(mg_dir, o, exporter=exporter, trust_remote_code=trust_remote_code))
-    rf_dir, rf_key, fp32 = st.run("reference", {"export": ex_key, "recipe": rec.model_dump(include={"data", "metric"})},
-                                  lambda o: reference(ex_dir, mg_dir, rec, rec_file, o))
-    reference_figs = {"torch_base": _strip(ft.get("base")), "torch_tuned": _strip(ft.get("tuned")), "onnx_fp32": fp32}
-    training = {"method": ft.get("method", rec.method.type), **(ft.get("train") or {})}  # ranks, ZeRO stage, precision
-    return Run(st, run, src.card.model_dump(), rec, rec_file, exporter, trust_remote_code, ft_key, ft_in, mg_dir, mg_key,
-               ex_dir, ex_key, rf_dir, rf_key, reference_figs, training, list(st.lineage))
+    ex = st.run(f"export-{exporter}", {"merged": mg.key, "exporter": exporter},
+                lambda o: export(mg.out, o, exporter=exporter, trust_remote_code=src.trust_remote_code))
+    rf = st.run("reference", {"export": ex.key, "recipe": rec.model_dump(include={"data", "metric"})},
+                lambda o: reference(ex.out, mg.out, rec, rec_file, o))
+    figures = {"torch_base": _scores(ft.summary.get("base")), "torch_tuned": _scores(ft.summary.get("tuned")),
+               "onnx_fp32": rf.summary}
+    training = {"method": ft.summary.get("method", rec.method.type), **(ft.summary.get("train") or {})}
+    return Run(st=st, root=root, src=src, recipe=rec, rec_file=rec_file, exporter=exporter, inputs=inputs,
+               finetune_key=ft.key, merged=mg.out, merged_key=mg.key, export=ex.out, export_key=ex.key,
+               reference_dir=rf.out, reference_key=rf.key, reference=figures, training=training,
+               base_lineage=list(st.lineage))
 
 
-def build_target(r: Run, target: str, spec=None, name: Optional[str] = None, out: Optional[Path] = None) -> Path:
-    """Build and package one target (or, with spec/name/out, one variant of cpu-int4 or cpu-int8) from the run's
-    stages; returns the artifact folder."""
-    from .package import package
+def build_target(r: Run, target: str, spec: Optional[QuantizeSpec] = None, name: Optional[str] = None,
+                 out: Optional[Path] = None) -> Path:
+    """Quantize (or build) and package one target (or, with spec/name/out, one variant of cpu-int4 or cpu-int8) from
+    the run's stages; returns the artifact folder."""
+    from toolchain.stages.package import package
 
     t = targets.get(target)
     name = name or target
     if t["built_by"] == "builder":
-        from .build import BUILDER_OPTIONS, build
+        from toolchain.stages.quantize.builder import BUILDER_OPTIONS, build
 
-        q_dir, q_key, q = r.st.run(f"build-{name}", {"merged": r.mg_key, "target": target,
-                                                     "options": BUILDER_OPTIONS[t["precision"]]},
-                                   lambda o: build(r.mg_dir, target, o, r.trust_remote_code))
+        q = r.st.run(f"build-{name}", {"merged": r.merged_key, "target": target,
+                                       "options": BUILDER_OPTIONS[t["precision"]]},
+                     lambda o: build(r.merged, target, o, r.src.trust_remote_code))
         exporter = "onnxruntime-genai builder"
-        t["provider_options"] = {k: v for e in q["genai_provider_options"] for k, v in e.get(t["provider"], {}).items()}
+        t["provider_options"] = {k: v for e in q.summary["genai_provider_options"] for k, v in e.get(t["provider"], {}).items()}
     elif t["built_by"] == "qdq":
-        from . import qdq
+        from toolchain.stages.quantize import qdq
 
-        calib = {"export": r.ex_key, "target": target, "data": r.ft_in["data"], "samples": qdq.CALIB_SAMPLES,
+        calib = {"export": r.export_key, "target": target, "data": r.inputs["data"], "samples": qdq.CALIB_SAMPLES,
                  "types": [qdq.ACTIVATIONS, qdq.WEIGHTS, qdq.PER_CHANNEL_MATMUL], "float": qdq.EXCLUDE}
-        q_dir, q_key, q = r.st.run(f"quantize-{name}", calib, lambda o: qdq.quantize_qdq(
-            r.ex_dir, qdq.calibration_seqs(r.mg_dir, r.recipe, r.rec_file), o))
+        q = r.st.run(f"quantize-{name}", calib, lambda o: qdq.quantize_qdq(
+            r.export, qdq.calibration_seqs(r.merged, r.recipe, r.rec_file), o))
         exporter = r.exporter
     else:
-        from .quantize import quantize, spec_for
+        from toolchain.stages.quantize.nbits import quantize, spec_for
 
         spec = spec_for(target, spec or r.recipe.quantize)
-        q_dir, q_key, q = r.st.run(f"quantize-{name}", {"export": r.ex_key, "target": target, "spec": spec.model_dump()},
-                                   lambda o: quantize(r.ex_dir, target, o, spec))
+        q = r.st.run(f"quantize-{name}", {"export": r.export_key, "target": target, "spec": spec.model_dump()},
+                     lambda o: quantize(r.export, target, o, spec))
         exporter = r.exporter
-    lineage = r.base_lineage + [r.st.lineage[-1]]  # the shared stages and this target's own
-    desc = {**t, "name": name, "exporter": exporter, "quantize": q}
+    desc = {**t, "name": name, "exporter": exporter, "quantize": q.summary}
     if name != target:
         desc["variant_of"] = target
+    manifest = Manifest(model_card=r.src.card.model_dump(), recipe=r.recipe.model_dump(), target=desc,
+                        versions={}, inputs=r.inputs, training=r.training, reference=r.reference,
+                        lineage=r.base_lineage + [r.st.lineage[-1]])  # the shared stages and this target's own
     # the manifest carries the whole recipe (its gates too): a changed gate repackages, and auto re-validates
-    pkg_in = {"quantize": q_key, "reference": r.rf_key, "finetune": r.ft_key, "recipe": r.recipe.model_dump()}
+    pkg_in = {"quantize": q.key, "reference": r.reference_key, "finetune": r.finetune_key, "recipe": r.recipe.model_dump()}
     if t.get("session_options"):  # written into genai_config.json: a changed default repackages
         pkg_in["session_options"] = t["session_options"]
-    art, _, _ = r.st.run(name if out is None else f"artifact-{name}", pkg_in, out=out or r.root / name, fn=lambda o: {
-        "path": str(package(q_dir, r.rf_dir / "eval.jsonl", o, r.card, r.recipe.model_dump(), desc, lineage,
-                            r.reference, {"weights": r.ft_in["weights"], "data": r.ft_in["data"]}, r.training))})
-    return art
+    art = r.st.run(name if out is None else f"artifact-{name}", pkg_in, out=out or r.root / name, fn=lambda o: {
+        "path": str(package(q.out, r.reference_dir / EVAL_FILE, o, manifest))})
+    return art.out
+
+
+def headline(report: dict, reference: dict, metric: str, fp32_size_mb: float, stages_reused: dict) -> dict:
+    """The figures `toolchain edge` prints, for a decoder or an encoder artifact: size against fp32, speed, the
+    task metric for base torch, tuned torch, fp32 ONNX and the artifact, and which stages this run reused."""
+    m, fp32 = report["measured"], reference["onnx_fp32"]
+    h = {"artifact": report["artifact"], "status": report["status"], "size_mb": m["size_mb"],
+         "fp32_size_mb": fp32_size_mb, "metric": metric, "base_torch": reference["torch_base"].get(metric),
+         "tuned_torch": reference["torch_tuned"].get(metric), "onnx_fp32": fp32.get(metric),
+         "artifact_metric": m.get(metric), "stages_reused": stages_reused}
+    if report.get("kind") == "encoder":
+        return {**h, "kind": "encoder", "latency_ms_p50": m["latency_ms_p50"], "latency_ms_p95": m["latency_ms_p95"]}
+    return {**h, "decode_tok_s": m.get("decode_tok_s_p50"),
+            "delta_perplexity_vs_fp32_pct": 100 * (m["perplexity"] / fp32["perplexity"] - 1) if "perplexity" in m else None}
 
 
 def validate_artifact(r: Run, art: Path) -> dict:
     """Validate in a fresh process, write the reports, add the headline figures."""
-    from .report import write_reports
-
     console.print(f"[bold]validate[/bold] {art}")
-    report = _validate_in_own_process(art)
-    write_reports(art, report)
-    fp32 = r.reference["onnx_fp32"]
-    fp32_size = sum(p.stat().st_size for p in r.ex_dir.glob("model.onnx*")) / 1e6
-    m, metric = report["measured"], r.recipe.metric.name
-    report["headline"] = {
-        "artifact": str(art), "status": report["status"], "size_mb": m["size_mb"], "fp32_size_mb": fp32_size,
-        "decode_tok_s": m.get("decode_tok_s_p50"),
-        "delta_perplexity_vs_fp32_pct": 100 * (m["perplexity"] / fp32["perplexity"] - 1) if "perplexity" in m else None,
-        "metric": metric, "base_torch": r.reference["torch_base"].get(metric),
-        "tuned_torch": r.reference["torch_tuned"].get(metric), "artifact_metric": m.get(metric),
-        "onnx_fp32": fp32.get(metric),
-    }
+    report = validate_in_own_process(art)
+    report_mod.write_reports(art, report)
+    fp32_size = sum(p.stat().st_size for p in r.export.glob("model.onnx*")) / 1e6
+    report["headline"] = headline(report, r.reference, r.recipe.metric.name, fp32_size, dict(r.st.reused))
+    return report
+
+
+def choose_target(r: Run) -> dict:
+    """`--target auto`: build every candidate variant (auto.py), validate each, pick by auto.choose."""
+    metric = r.recipe.metric.name
+    folder = r.root / "auto"
+    cands = []
+    for name, base, change in auto_mod.candidates():
+        spec = r.recipe.quantize.model_copy(update=change) if change else None
+        art = build_target(r, base, spec=spec, name=name, out=folder / name)
+        rep = None if r.st.force else auto_mod.cached_report(art)
+        if rep:
+            console.print(f"[dim]{name}: artifact unchanged, reusing its report[/dim]")
+        else:
+            rep = validate_artifact(r, art)
+        cands.append(auto_mod.summarize(name, rep, metric))
+    out = auto_mod.result(cands, r.recipe, r.reference, folder)
+    (folder / "auto_report.json").write_text(json.dumps(out, indent=2))
+    report_mod.frontier_plot(out, folder / "frontier.png")
+    (folder / "auto_report.md").write_text(report_mod.auto_markdown(out))
+    return out
+
+
+def edge_encoder(src: Resolved, rec: Recipe, rec_file: Path, target: str, out: Path, force: bool) -> dict:
+    """The same chain for an encoder recipe (classify-encoder, ner): Optimum export, int8, no GenAI folder."""
+    from toolchain.hf.encoder import TASKS
+    from toolchain.runtime import encoder as rt
+    from toolchain.stages.export.encoder import export
+    from toolchain.stages.finetune.encoder import finetune
+    from toolchain.stages.package import package_encoder, versions
+    from toolchain.stages.quantize.dynamic import quantize
+    from toolchain.stages.reference import reference_encoder
+
+    if rec.task not in TASKS:
+        raise ToolchainError(f"recipe '{rec.name}': task '{rec.task}' has no encoder path; encoder recipes use task "
+                             f"{' or '.join(TASKS)} (or pick a decoder model)")
+    t = targets.get(target, kind="encoder")
+    if not rec.data.eval:
+        raise ToolchainError(f"{rec_file}: key 'data.eval': encoder recipes need a held-out file")
+    root = Path(out) / f"{src.card.name}-{rec.name}"
+    st = Stages(root, force)
+    inputs = _inputs(src, rec, rec_file)
+    ft_in = {"model": src.card.name, **inputs, "recipe": rec.model_dump(include={"data", "method", "train", "metric"})}
+    ft = st.run("finetune", ft_in, lambda o: finetune(src, rec, rec_file, o))
+    held = rt.read_rows(rec_file.parent / rec.data.eval, rec.task)[: rec.metric.eval_limit]
+    ex = st.run("export-optimum", {"finetune": ft.key}, lambda o: export(
+        ft.out / "model", rec.task, o, held[:16], rec.data.max_length))
+    rf = st.run("reference", {"export": ex.key, "metric": rec.metric.model_dump()}, lambda o: reference_encoder(
+        ex.out, ft.out / "model", rec, held, ft.summary["labels"], o))
+    q = st.run(f"quantize-{target}", {"export": ex.key, "target": target, "per_channel": True},
+               lambda o: quantize(ex.out, target, o))
+    figures = {"torch_base": _scores(ft.summary.get("base")), "torch_tuned": _scores(ft.summary.get("tuned")),
+               "onnx_fp32": rf.summary}
+    manifest = Manifest(model_card=src.card.model_dump(), recipe=rec.model_dump(),
+                        target={"name": target, "provider": t["provider"], "precision": t["precision"],
+                                "exporter": "optimum", "quantize": q.summary},
+                        encoder={"task": rec.task, "labels": ft.summary["labels"], "max_length": rec.data.max_length},
+                        versions=versions(), inputs=inputs, lineage=st.lineage, reference=figures)
+    art = st.run(target, {"quantize": q.key, "reference": rf.key, "finetune": ft.key, "gates": rec.gates.model_dump()},
+                 out=root / target, fn=lambda o: {"path": str(package_encoder(q.out, ft.out / "model", held, o, manifest))})
+    report = validate_in_own_process(art.out)
+    report_mod.write_reports(art.out, report)
+    report["headline"] = headline(report, figures, rec.metric.name, (ex.out / rt.MODEL).stat().st_size / 1e6,
+                                  dict(st.reused))
     return report
 
 
 def edge(model: Optional[str], recipe: str, target: Optional[str] = None, out: Path = Path("artifacts"),
          exporter: Optional[str] = None, max_steps: Optional[int] = None, model_path: Optional[str] = None,
-         trust_remote_code: bool = False, force: bool = False, launch: Optional[dict] = None) -> dict:
+         trust_remote_code: bool = False, force: bool = False, launch: Launch = Launch(),
+         method: Optional[str] = None) -> dict:
     """Run every stage for one model, recipe and target ("auto": choose among candidates, see auto.py); returns the
-    validation report plus headline figures."""
-    rec, rec_file = load_recipe(recipe)
+    validation report plus headline figures. Names are resolved here, once; overrides are applied by load_recipe."""
+    rec, rec_file = load_recipe(recipe, max_steps=max_steps, method=method)
     target = target or rec.target or "cpu-int4"
     src = resolve(model or rec.model, model_path, trust_remote_code)  # fails fast, before any work
-    if src.card.kind == "encoder":  # classify-encoder, ner: Optimum export, int8, no GenAI folder
-        from . import encoder
-
-        return encoder.edge(src, rec, rec_file, target, Path(out), max_steps, force)
+    if src.card.kind == "encoder":
+        return edge_encoder(src, rec, rec_file, target, Path(out), force)
     if target != "auto":
         targets.get(target)  # an unknown target fails before any work
-    r = prepare(model, recipe, out, exporter, max_steps, model_path, trust_remote_code, force, launch, src)
+    r = prepare(src, rec, rec_file, out, exporter, force, launch)
     if target == "auto":
-        from .auto import auto
-
-        return auto(r)
+        return choose_target(r)
     return validate_artifact(r, build_target(r, target))
-
-
-def _validate_in_own_process(art: Path) -> dict:
-    """`toolchain validate --json` in a fresh process, as on a device: its peak RSS is the runtime's alone, not
-    the training process's, and the device path runs exactly as shipped. Exit 1 (a missed gate) and 3 (the EP is
-    missing here) still report."""
-    r = subprocess.run([sys.executable, "-m", "toolchain", "validate", str(art), "--json"], stdout=subprocess.PIPE)
-    if r.returncode not in (0, 1, 3):  # 3: built, not validated here (EP missing)
-        raise ToolchainError(f"validation of {art} failed (exit {r.returncode}); run `toolchain validate {art}` to see why")
-    return json.loads(r.stdout)
-
-
-def _strip(scores: Optional[dict]) -> dict:
-    return {k: v for k, v in (scores or {}).items() if k != "samples"}

@@ -52,7 +52,7 @@ def markdown(rep: dict, siblings: dict[str, dict]) -> str:
              f"| model size (MB) | {_fmt(m['size_mb'], '.1f')} |",
              f"| held-out perplexity | {_fmt(m['perplexity'])} (torch tuned {_fmt(ref.get('torch_tuned', {}).get('perplexity'))}, "
              f"fp32 ONNX {_fmt(ref.get('onnx_fp32', {}).get('perplexity'))}) |"]
-    from .runtime.metrics import FAMILIES
+    from toolchain.runtime.metrics import FAMILIES
 
     for k in (FAMILIES.get(metric, [metric]) if metric else []):  # the headline metric, then its companions
         lines.append(f"| {k} | {_fmt(m.get(k))} (torch base {_fmt(ref.get('torch_base', {}).get(k))}, "
@@ -114,7 +114,7 @@ def write_reports(artifact: Path, rep: dict) -> None:
 def scenario_table(out: Path) -> str:
     """The README's scenario table from every artifact under `out` (the report.json that validate wrote):
     base torch / tuned torch / fp32 ONNX / artifact for each recipe's headline metric, and the gates."""
-    from .runtime.metrics import LOWER_IS_BETTER
+    from toolchain.runtime.metrics import LOWER_IS_BETTER
 
     lines = ["| recipe | model | target | metric | base torch | tuned torch | fp32 ONNX | artifact | artifact / tuned | "
              "speed | gates |", "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..data import ChatRow, CompletionRow, read_jsonl
-from .metrics import parse_constraints
+from toolchain.runtime.rows import ChatRow, CompletionRow, read_jsonl
+from toolchain.runtime.metrics import parse_constraints
 
 
 def _ids(tok, text: str) -> list[int]:

@@ -7,7 +7,7 @@ An encoder artifact is a plain folder, no GenAI config:
     eval.jsonl        the held-out rows as written in the recipe's data ({"text","label"} or {"tokens","tags"})
     manifest.json     labels, max_length, recipe, reference figures (torch base/tuned, fp32 ONNX), sha256 of files
 
-Tokenizing and decoding live here and nowhere else: the torch side (toolchain/encoder.py) calls the same
+Tokenizing and decoding live here and nowhere else: the torch side (toolchain/stages/*/encoder.py) calls the same
 `encode` and `decode` around its own forward pass, so torch and ONNX Runtime are scored on identical inputs.
 """
 from __future__ import annotations
@@ -19,11 +19,13 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..errors import ToolchainError
-from . import jsonl, metrics
-from .memory import peak_rss_mb
+from toolchain.runtime.errors import ToolchainError
+from toolchain.runtime import host, jsonl, metrics
+from toolchain.runtime.contracts import Report
+from toolchain.runtime.gates import check_gates
+from toolchain.runtime.manifest import EVAL_FILE
+from toolchain.runtime.memory import peak_rss_mb
 
-EVAL_FILE = "eval.jsonl"
 TOKENIZER = "tokenizer.json"
 MODEL = "model.onnx"
 
@@ -152,8 +154,6 @@ def latency(forward, tok, rows: list[dict], task: str, runs: int = 3) -> dict:
 def validate(folder: Path, man: dict, data: Optional[Path] = None, progress=None) -> dict:
     """Integrity was checked by the caller (manifest.verify). Latency, then the task metric on the shipped eval
     split (or `data`), then the recipe's gates against the torch tuned figures."""
-    from .validate import check_gates
-
     folder = Path(folder)
     rec, enc = man["recipe"], man["encoder"]
     task, metric = enc["task"], rec["metric"]["name"]
@@ -168,8 +168,7 @@ def validate(folder: Path, man: dict, data: Optional[Path] = None, progress=None
     reference = man.get("reference", {})
     gates = check_gates(rec.get("gates", {}), measured, reference, metric) if data is None else []
     target, passed = man["target"], all(g["passed"] for g in gates)
-    return {"artifact": str(folder), "target": target["name"], "provider": "cpu", "kind": "encoder", "metric": metric,
-            "status": "passed" if passed else "gates_missed",
-            "figures": metrics.FAMILIES[metric], "validated": True, "data": str(data) if data else EVAL_FILE,
-            "measured": measured, "reference": reference, "gates": gates, "passed": passed,
-            "seconds": round(time.time() - t0, 1)}
+    return Report(artifact=str(folder), target=target["name"], provider="cpu", kind="encoder", metric=metric,
+                  status="passed" if passed else "gates_missed", figures=metrics.FAMILIES[metric], validated=True,
+                  data=str(data) if data else EVAL_FILE, measured=measured, reference=reference, gates=gates,
+                  passed=passed, seconds=round(time.time() - t0, 1), host=host.describe()).out()

@@ -9,10 +9,10 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import ToolchainError
-from .lookup import decode as lookup_decode
-from .lookup import greedy
-from .metrics import log_softmax
+from toolchain.runtime.errors import ToolchainError
+from toolchain.runtime.lookup import decode as lookup_decode
+from toolchain.runtime.lookup import greedy
+from toolchain.runtime.metrics import log_softmax
 
 
 def load(folder: Path, provider: str = "cpu", options: Optional[dict] = None):

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import ToolchainError
+from toolchain.runtime.errors import ToolchainError
 
 
 def objects(path: Path) -> Iterator[tuple[int, object]]:

@@ -4,10 +4,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import ToolchainError
-from ..fsutil import sha256_file
+from toolchain.runtime.errors import ToolchainError
+from toolchain.runtime.fsutil import sha256_file
 
 MANIFEST = "manifest.json"
+EVAL_FILE = "eval.jsonl"  # the held-out split every artifact ships, tokenized (decoders) or as rows (encoders)
 # Written after packaging (by validate): not covered by the hashes.
 OUTPUTS = {MANIFEST, "report.json", "report.md", "report.png"}
 
@@ -21,7 +22,7 @@ def file_hashes(folder: Path) -> dict[str, str]:
 def read(folder: Path) -> dict:
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        raise ToolchainError(f"{path}: no manifest; pass an artifact folder written by `toolchain edge` or `toolchain package`")
+        raise ToolchainError(f"{path}: no manifest; pass an artifact folder written by `toolchain edge`")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:

@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Optional
 
-from . import genai, manifest, metrics
-from .memory import peak_rss_mb
-
-EVAL_FILE = "eval.jsonl"
-
+from toolchain.runtime import genai, host, manifest, metrics
+from toolchain.runtime.contracts import Report
+from toolchain.runtime.gates import check_gates, merge_gates
+from toolchain.runtime.manifest import EVAL_FILE
+from toolchain.runtime.providers import ep_available
+from toolchain.runtime.memory import peak_rss_mb
 
 def _percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
@@ -94,36 +94,8 @@ def accuracy(model, tok, rows: list[dict], metric: str, max_new_tokens: int, pro
     return out, generated
 
 
-def check_gates(gates: dict, measured: dict, reference: dict, metric: str) -> list[dict]:
-    """One entry per gate: name, limit, value, passed."""
-    gates = {k: v for k, v in gates.items() if v is not None}  # unset gates
-    ref = reference.get("torch_tuned", {})
-    values = {}  # gate -> measured value, in report order; min_* gates pass at or above the limit, max_* at or below
-    if "max_perplexity_increase_pct" in gates and "perplexity" in ref:
-        values["max_perplexity_increase_pct"] = 100 * (measured["perplexity"] / ref["perplexity"] - 1)
-    if metric in ref and metric in measured and metric not in metrics.LOWER_IS_BETTER:
-        values["min_metric_fraction"] = measured[metric] / ref[metric] if ref[metric] else float("inf")
-    for gate, key in (("max_latency_ms_p95", "latency_ms_p95"), ("min_token_agreement_fp32", "token_agreement_fp32"),
-                      ("min_decode_tok_s", "decode_tok_s_p50")):
-        if key in measured:
-            values[gate] = measured[key]
-    return [{"gate": g, "limit": gates[g], "value": v,
-             "passed": v >= gates[g] if g.startswith("min_") else v <= gates[g]}
-            for g, v in values.items() if g in gates]
-
-
-def merge_gates(recipe_gates: dict, target_gates: dict) -> dict:
-    """The recipe's gates, then the target's own budget (targets.py, carried in the manifest), which adds a gate or
-    tightens one: a target's gate never loosens the recipe's."""
-    out = {k: v for k, v in recipe_gates.items() if v is not None}
-    for k, v in target_gates.items():
-        stricter = max if k.startswith("min_") else min
-        out[k] = stricter(v, out[k]) if k in out else v
-    return out
-
-
 def _rows(folder: Path, data: Optional[Path], tok) -> list[dict]:
-    from .devicedata import tokenize_rows
+    from toolchain.runtime.devicedata import tokenize_rows
 
     if data is None:
         return [json.loads(x) for x in (folder / EVAL_FILE).read_text().splitlines() if x.strip()]
@@ -134,8 +106,6 @@ def pick_provider(target: dict) -> tuple[Optional[str], Optional[str]]:
     """(onnxruntime-genai provider to validate on, note). The manifest names the EP; a missing EP is never
     validated on another, except a QDQ model (standard ONNX), whose accuracy is checked on the CPU EP.
     (None, reason) when this host cannot validate the artifact."""
-    from ..targets import ep_available
-
     provider = target.get("provider", "cpu")
     ep = target.get("ep") or ("CPUExecutionProvider" if provider == "cpu" else provider)
     if provider == "cpu" or ep_available(ep, provider):
@@ -156,18 +126,17 @@ def validate(folder: Path, data: Optional[Path] = None, progress=None, lookup: i
     folder = Path(folder)
     man = manifest.verify(folder)
     if man.get("model_card", {}).get("kind") == "encoder":  # ONNX + tokenizers, no GenAI folder
-        from .encoder import validate as validate_encoder
+        from toolchain.runtime.encoder import validate as validate_encoder
 
         return validate_encoder(folder, man, data, progress)
     target = man["target"]
     base = {"artifact": str(folder), "target": target["name"], "ep": target.get("ep", "CPUExecutionProvider"),
             "precision": target.get("precision"), "reference": man.get("reference", {}),
-            "host": {"python": sys.version.split()[0]}}
+            "host": host.describe()}
     provider, note = pick_provider(target)
     if provider is None:
-        return {**base, "provider": None, "metric": man["recipe"]["metric"]["name"], "validated": False,
-                "status": "not_validated", "reason": note,
-                "measured": {"size_mb": _size_mb(folder, man)}, "gates": [], "passed": False}
+        return Report(**base, metric=man["recipe"]["metric"]["name"], validated=False, status="not_validated",
+                      reason=note, measured={"size_mb": _size_mb(folder, man)}, passed=False).out()
     model, tok = genai.load(folder, provider, target.get("provider_options") if provider != "cpu" else None)
     rows = _rows(folder, data, tok)
     rec = man["recipe"]
@@ -184,13 +153,9 @@ def validate(folder: Path, data: Optional[Path] = None, progress=None, lookup: i
         gate_spec.pop("min_decode_tok_s")
     gates = check_gates(gate_spec, measured, base["reference"], rec["metric"]["name"]) if data is None else []
     passed = all(g["passed"] for g in gates)
-    out = {**base, "provider": provider, "metric": rec["metric"]["name"], "validated": True, "status": "passed" if passed else "gates_missed",
-           "data": str(data) if data else EVAL_FILE, "measured": measured, "gates": gates, "passed": passed,
-           "seconds": round(time.time() - t0, 1)}
-    if lookup > 0:
-        out["decoding"] = f"greedy with prompt lookup (drafts of up to {lookup} tokens)"
-    if target.get("gates"):
-        out["target_gates"] = target["gates"]
-    if note:
-        out.update(note=note, gates_not_applicable=not_applicable)
-    return out
+    return Report(**base, provider=provider, metric=rec["metric"]["name"], validated=True,
+                  status="passed" if passed else "gates_missed", data=str(data) if data else EVAL_FILE,
+                  measured=measured, gates=gates, passed=passed, seconds=round(time.time() - t0, 1),
+                  decoding=f"greedy with prompt lookup (drafts of up to {lookup} tokens)" if lookup > 0 else None,
+                  target_gates=target.get("gates") or None, note=note,
+                  gates_not_applicable=not_applicable if note else None).out()

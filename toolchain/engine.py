@@ -1,0 +1,72 @@
+"""The engine under the pipeline: a content-hashed stage cache, input hashing, and validation in its own process.
+
+Stages never import this module: the pipeline hands each stage its inputs and an output folder, and the engine
+decides whether the stage runs at all. A stage is reused when the hash of its inputs is the one recorded in
+stages/.keys/<stage>.json beside its folder; every stage writes atomically, so a run killed mid-stage resumes at
+that stage.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from rich.console import Console
+
+from toolchain.runtime.errors import ToolchainError
+from toolchain.runtime.fsutil import sha256_file
+
+console = Console(stderr=True)
+
+
+@dataclass(frozen=True)
+class StageOut:
+    """What a stage left: its folder, the key its inputs hashed to, and the summary it returned."""
+    out: Path
+    key: str
+    summary: dict
+    reused: bool = False
+
+
+class Stages:
+    """Content-hashed stage cache: a stage is reused when its key (hash of its inputs) is the one recorded."""
+
+    def __init__(self, root: Path, force: bool):
+        self.root, self.force, self.lineage = root, force, []
+        self.reused: dict[str, bool] = {}  # stage -> whether this run reused it
+        (root / "stages" / ".keys").mkdir(parents=True, exist_ok=True)
+
+    def run(self, name: str, inputs: dict, fn: Callable[[Path], dict], out: Optional[Path] = None) -> StageOut:
+        out = out or self.root / "stages" / name
+        key = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        rec = self.root / "stages" / ".keys" / f"{name}.json"
+        reused = not self.force and out.exists() and rec.is_file() and json.loads(rec.read_text())["key"] == key
+        if reused:
+            console.print(f"[dim]{name}: inputs unchanged ({key}), reusing {out}[/dim]")
+            summary = json.loads(rec.read_text())["summary"]
+        else:
+            console.print(f"[bold]{name}[/bold] -> {out}")
+            summary = fn(out)
+            rec.write_text(json.dumps({"key": key, "inputs": inputs, "summary": summary}, indent=2, default=str))
+        self.lineage.append({"stage": name, "key": key, "out": str(out)})
+        self.reused[name] = reused
+        return StageOut(out, key, summary, reused)
+
+
+def files_hash(paths: list[Path]) -> str:
+    """One short hash over the contents of several files (order-independent)."""
+    return hashlib.sha256("".join(sha256_file(p) for p in sorted(paths)).encode()).hexdigest()[:16]
+
+
+def validate_in_own_process(art: Path) -> dict:
+    """`toolchain validate --json` in a fresh process, as on a device: its peak RSS is the runtime's alone, not
+    the training process's, and the device path runs exactly as shipped. Exit 1 (a missed gate) and 3 (the EP is
+    missing here) still report."""
+    r = subprocess.run([sys.executable, "-m", "toolchain", "validate", str(art), "--json"], stdout=subprocess.PIPE)
+    if r.returncode not in (0, 1, 3):  # 3: built, not validated here (EP missing)
+        raise ToolchainError(f"validation of {art} failed (exit {r.returncode}); run `toolchain validate {art}` to see why")
+    return json.loads(r.stdout)

@@ -1,0 +1,57 @@
+"""Held-out scores of a torch model: loss/perplexity by teacher forcing and the recipe's metric by greedy generation."""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from toolchain.hf.data import Dataset, generation_pair
+from toolchain.hf.models import collate
+from toolchain.runtime import metrics
+
+
+@torch.no_grad()
+def heldout_nll(model, examples: list[dict], pad_id: int, batch_size: int = 8) -> tuple[float, int]:
+    """Sum of token NLL over the loss-carrying tokens, and their count."""
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        b = collate(examples[i : i + batch_size], pad_id)
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
+        labels = b["labels"][:, 1:]
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        mask = labels != -100
+        nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        total += float(nll[mask].sum())
+        count += int(mask.sum())
+    return total, count
+
+
+@torch.no_grad()
+def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int, desc: str = "generate") -> list[str]:
+    """Greedy completions, batched with left padding; decoding stops at the model's end-of-turn tokens."""
+    eos = model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    if tok.eos_token_id is not None and tok.eos_token_id not in eos:
+        eos.append(tok.eos_token_id)
+    outs = []
+    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
+        enc = [{"input_ids": tok(p, add_special_tokens=False)["input_ids"]} for p in prompts[i : i + batch_size]]
+        b = collate(enc, tok.pad_token_id, left=True)
+        gen = model.generate(input_ids=b["input_ids"], attention_mask=b["attention_mask"], do_sample=False,
+                             max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=tok.pad_token_id)
+        outs += tok.batch_decode(gen[:, b["input_ids"].shape[1]:], skip_special_tokens=True)
+    return outs
+
+
+def score(model, tok, recipe, ds: Dataset, desc: str = "eval") -> dict:
+    """{'eval_loss', 'perplexity', <metric>} on the held-out split, plus a few sample predictions."""
+    nll, n = heldout_nll(model, ds.eval, tok.pad_token_id)
+    out = {"eval_loss": nll / n, "perplexity": metrics.perplexity(nll, n), "eval_tokens": n}
+    m = recipe.metric
+    if m.name in metrics.GENERATIVE:
+        pairs = [p for p in (generation_pair(r, tok) for r in ds.eval_rows[: m.eval_limit]) if p]
+        preds = generate(model, tok, [p for p, _ in pairs], m.max_new_tokens, m.batch_size, desc=desc)
+        constraints = [metrics.parse_constraints(p) for p, _ in pairs] if m.name == "constraint_rate" else ()
+        out.update(metrics.task_scores(m.name, preds, [r for _, r in pairs], constraints))
+        out["eval_examples"] = len(pairs)
+        out["samples"] = [{"reference": r, "prediction": p} for (_, r), p in list(zip(pairs, preds))[:3]]
+    return out

@@ -1,0 +1,82 @@
+"""The typed contracts between the build host and the device: an artifact's manifest, a validation report and
+its gates. One Report shape serves decoder, encoder, not-validated and auto reports. No torch.
+
+The nested model card and recipe stay plain mappings here: they are validated by config/schema.py when a run
+starts, and the runtime (a leaf) imports nothing above it.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Gate(_Strict):
+    gate: str  # min_* gates pass at or above the limit, max_* at or below
+    limit: float
+    value: float
+    passed: bool
+
+
+class Manifest(_Strict):
+    """manifest.json: what the artifact is, where it came from, and the sha256 of every file."""
+
+    def out(self) -> dict:
+        """The manifest as JSON-ready data (unset optional fields left out)."""
+        return self.model_dump(exclude_none=True)
+
+    format: int = 1
+    created: str = ""
+    model_card: dict[str, Any]
+    recipe: dict[str, Any]
+    target: dict[str, Any]
+    versions: dict[str, str]
+    inputs: dict[str, Any]  # hashes of the base weights and the data
+    training: Optional[dict[str, Any]] = None  # method, precision, ranks, ZeRO stage (decoders)
+    lineage: list[dict[str, Any]]
+    reference: dict[str, Any]  # torch_base, torch_tuned, onnx_fp32 figures
+    encoder: Optional[dict[str, Any]] = None  # task, labels, max_length (encoder artifacts only)
+    files: dict[str, str] = Field(default_factory=dict)  # relative path -> sha256
+
+
+class Report(_Strict):
+    """report.json, what `toolchain validate` returns and `toolchain edge` prints; auto adds its choice."""
+
+    target: str
+    status: Literal["passed", "gates_missed", "not_validated"]
+    validated: bool
+    passed: bool
+    gates: list[Gate] = Field(default_factory=list)
+    metric: Optional[str] = None
+    artifact: Optional[str] = None
+    kind: Optional[Literal["encoder"]] = None  # decoders leave it out, as the reports before this model did
+    provider: Optional[str] = None
+    ep: Optional[str] = None
+    precision: Optional[str] = None
+    reason: Optional[str] = None  # not_validated: why not
+    data: Optional[str] = None  # what was scored: the shipped eval.jsonl or the user's file
+    measured: dict[str, Any] = Field(default_factory=dict)
+    reference: dict[str, Any] = Field(default_factory=dict)
+    host: Optional[dict[str, Any]] = None
+    seconds: Optional[float] = None
+    figures: Optional[list[str]] = None  # encoders: the task figures reported
+    decoding: Optional[str] = None  # with --lookup
+    target_gates: Optional[dict[str, float]] = None
+    note: Optional[str] = None
+    gates_not_applicable: Optional[list[str]] = None
+    headline: Optional[dict[str, Any]] = None  # added by `toolchain edge`
+    # auto only
+    pick: Optional[str] = None
+    qualified: Optional[list[str]] = None
+    rejected: Optional[list[dict[str, Any]]] = None
+    candidates: Optional[list[dict[str, Any]]] = None
+    dropped: Optional[dict[str, str]] = None
+    gates_spec: Optional[dict[str, Any]] = None
+
+    def out(self) -> dict:
+        """The report as JSON-ready data (unset optional fields left out)."""
+        return self.model_dump(exclude_none=True)

@@ -1,0 +1,83 @@
+"""Stage 6: assemble the artifact a user copies to a device.
+
+    <target>/  the onnxruntime-genai folder (model, genai_config.json, tokenizer, chat template)
+               eval.jsonl      the held-out split, tokenized, with the fp32 ONNX model's greedy tokens
+               manifest.json   card, resolved recipe, package versions, input hashes, sha256 of every file,
+                               stage lineage, how it was trained (method, precision, ranks, ZeRO stage),
+                               reference metrics (torch base/tuned, fp32 ONNX)
+An encoder artifact (package_encoder) is model.onnx, tokenizer.json, eval.jsonl and manifest.json.
+Reports (report.json, report.md, report.png) are added by validation and are not hashed.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from importlib import metadata
+from pathlib import Path
+
+from toolchain.runtime.fsutil import atomic_dir
+from toolchain.runtime import manifest as man_mod
+from toolchain.runtime.contracts import Manifest
+from toolchain.runtime.encoder import MODEL as ENCODER_MODEL
+from toolchain.runtime.encoder import TOKENIZER as ENCODER_TOKENIZER
+from toolchain.runtime.manifest import EVAL_FILE
+
+PACKAGES = ["edge-toolchain", "torch", "transformers", "peft", "optimum", "optimum-onnx", "onnx", "onnxruntime",
+            "onnxruntime-genai", "tokenizers", "numpy"]
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for p in PACKAGES:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            out[p] = "not installed"
+    return out
+
+
+def package(quantized: Path, eval_file: Path, out: Path, manifest: Manifest) -> Path:
+    """Copy the quantized folder and the tokenized eval split into `out`, then write manifest.json last (with the
+    package versions, the time and the sha256 of every file filled in)."""
+    with atomic_dir(Path(out)) as tmp:
+        for p in Path(quantized).iterdir():
+            if p.is_file() and p.name != "quantize_report.json":
+                shutil.copy2(p, tmp / p.name)
+        shutil.copy2(eval_file, tmp / EVAL_FILE)
+        stamp_genai_config(tmp, manifest.target)
+        _write_manifest(tmp, manifest)
+    return Path(out)
+
+
+def _write_manifest(folder: Path, manifest: Manifest) -> None:
+    done = manifest.model_copy(update={"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                       "versions": versions(), "files": man_mod.file_hashes(folder)})
+    (folder / man_mod.MANIFEST).write_text(json.dumps(done.out(), indent=2))
+
+
+def package_encoder(q_dir: Path, model_dir: Path, eval_rows: list[dict], out: Path, manifest: Manifest) -> Path:
+    """An encoder artifact: model.onnx, tokenizer.json, the held-out rows and the manifest (no GenAI folder)."""
+    with atomic_dir(Path(out)) as tmp:
+        shutil.copy2(Path(q_dir) / ENCODER_MODEL, tmp / ENCODER_MODEL)
+        shutil.copy2(Path(model_dir) / ENCODER_TOKENIZER, tmp / ENCODER_TOKENIZER)
+        (tmp / EVAL_FILE).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in eval_rows))
+        _write_manifest(tmp, manifest)
+    return Path(out)
+
+
+def stamp_genai_config(folder, target: dict) -> None:
+    """genai_config.json names the target's EP with its provider options (where the builder has not already) and,
+    in the session log_id, the target and precision: onnxruntime-genai rejects unknown keys, log_id is free text."""
+    path = Path(folder) / "genai_config.json"
+    cfg = json.loads(path.read_text())
+    so = cfg["model"]["decoder"].setdefault("session_options", {})
+    so["log_id"] = f"onnxruntime-genai {target['name']} {target['precision']} {target['ep']}"
+    # the target's own session defaults; a string value that is not an onnxruntime-genai option is passed to ONNX
+    # Runtime as a session config entry (e.g. session.intra_op.allow_spinning)
+    so.update(target.get("session_options") or {})
+    named = [p for entry in so.get("provider_options", []) for p in entry]
+    if target["provider"] != "cpu" and target["provider"] not in named:
+        so["provider_options"] = [{target["provider"]: {k: str(v) for k, v in target.get("provider_options", {}).items()}}]
+    path.write_text(json.dumps(cfg, indent=4) + "\n")

@@ -1,0 +1,55 @@
+"""Stage 3b: the held-out split as the device will see it, and the fp32 ONNX model's numbers on it.
+reference_encoder: the same figures for an encoder artifact.
+
+Writes eval.jsonl (token ids and loss mask per held-out example; for the first `eval_limit` a prompt, the reference
+answer and the fp32 ONNX model's greedy tokens) and reference.json (perplexity and task metric of the fp32 ONNX
+model). Every artifact ships this eval.jsonl, so a device validates on exactly these tokens.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from toolchain.hf import data as data_mod
+from toolchain.runtime.fsutil import atomic_dir
+from toolchain.hf.models import load_tokenizer
+from toolchain.runtime import genai, metrics
+from toolchain.runtime.manifest import EVAL_FILE
+from toolchain.runtime.validate import accuracy
+from toolchain.runtime import encoder as rt_encoder
+
+
+def reference(export_dir: Path, merged_dir: Path, recipe, recipe_file: Path, out: Path) -> dict:
+    tok = load_tokenizer(merged_dir)
+    ds = data_mod.load(recipe, recipe_file, tok)
+    rows = []
+    for i, (ex, row) in enumerate(zip(ds.eval, ds.eval_rows)):
+        r = {"input_ids": ex["input_ids"], "labels": ex["labels"]}
+        pair = data_mod.generation_pair(row, tok)
+        if pair and i < recipe.metric.eval_limit:
+            r.update(prompt_ids=tok(pair[0], add_special_tokens=False)["input_ids"], reference=pair[1])
+            if recipe.metric.name == "constraint_rate":  # the device checks outputs against these, not the reference
+                r["constraints"] = metrics.parse_constraints(pair[0])
+        rows.append(r)
+    model, og_tok = genai.load(Path(export_dir))
+    with tqdm(total=sum("prompt_ids" in r for r in rows), desc="fp32 ONNX reference generations") as bar:
+        figures, generated = accuracy(model, og_tok, rows, recipe.metric.name, recipe.metric.max_new_tokens,
+                                      progress=lambda i, n: bar.update(1))
+    for r, toks in zip([r for r in rows if "prompt_ids" in r], generated):
+        r["fp32_tokens"] = toks
+    with atomic_dir(Path(out)) as tmp:
+        (tmp / EVAL_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (tmp / "reference.json").write_text(json.dumps(figures, indent=2))
+    return figures
+
+
+def reference_encoder(export_dir: Path, model_dir: Path, recipe, held: list[dict], labels: list[str], out: Path) -> dict:
+    """An encoder's fp32 ONNX figures on the held-out rows, scored by the device's code (runtime/encoder.py)."""
+    tok = rt_encoder.load_tokenizer(Path(model_dir) / rt_encoder.TOKENIZER, recipe.data.max_length)
+    figs = rt_encoder.score(rt_encoder.ort_forward(Path(export_dir) / rt_encoder.MODEL), tok, held, recipe.task,
+                            recipe.metric.name, labels)
+    with atomic_dir(Path(out)) as tmp:
+        (tmp / "reference.json").write_text(json.dumps(figs, indent=2))
+    return figs

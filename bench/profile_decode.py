@@ -73,8 +73,10 @@ def main() -> None:
     kernel = sum(by_op.values())
     run_us = sum(e["dur"] for e in decode_runs)
     n = max(len(decode_runs), 1)
-    res = {"artifact": args.artifact, "threads": args.threads, "prompt": args.prompt, "decode_steps": steps,
-           "loadavg": load0, "wall_ms_per_token": 1000 * wall / max(steps, 1),
+    from provenance import fields
+
+    res = {**fields(args.threads), "artifact": args.artifact, "threads": args.threads, "prompt": args.prompt,
+           "decode_steps": steps, "loadavg": load0, "wall_ms_per_token": 1000 * wall / max(steps, 1),
            "model_run_ms_per_token": run_us / 1000 / n, "kernel_ms_per_token": kernel / 1000 / n,
            "note": "profiling itself adds overhead: compare shares, not absolute speed",
            "ops": [{"op": op, "ms_per_token": us / 1000 / n, "share_of_kernel": us / kernel, "calls_per_token": count[op] / n}

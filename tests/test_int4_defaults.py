@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from toolchain.config import targets
+from toolchain.stages.package import stamp_genai_config
 from toolchain.stages.export.decoder import export
 from toolchain.stages.quantize.nbits import quantize
 from toolchain.config.schema import QuantizeSpec
@@ -16,11 +17,11 @@ from toolchain.config.schema import QuantizeSpec
 
 def test_cpu_int4_ships_its_spinning_choice_where_a_device_owner_can_change_it(tmp_path):
     (tmp_path / "genai_config.json").write_text(json.dumps({"model": {"decoder": {"session_options": {}}}}))
-    targets.stamp_genai_config(tmp_path, targets.get("cpu-int4"))
+    stamp_genai_config(tmp_path, targets.get("cpu-int4"))
     so = json.loads((tmp_path / "genai_config.json").read_text())["model"]["decoder"]["session_options"]
     assert so["session.intra_op.allow_spinning"] == "1" and "cpu-int4" in so["log_id"]
     (tmp_path / "genai_config.json").write_text(json.dumps({"model": {"decoder": {"session_options": {}}}}))
-    targets.stamp_genai_config(tmp_path, targets.get("cpu-int8"))  # only the tuned target changes
+    stamp_genai_config(tmp_path, targets.get("cpu-int8"))  # only the tuned target changes
     so = json.loads((tmp_path / "genai_config.json").read_text())["model"]["decoder"]["session_options"]
     assert "session.intra_op.allow_spinning" not in so
 

@@ -87,6 +87,7 @@ def test_gradient_accumulation_gives_the_same_steps(tiny_phi3, tmp_path):
                                                                              step_indices(10, 5, 0, 1)) == list(range(10))
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_from_its_checkpoint(tiny_phi3, tmp_path):
     train = {"max_steps": 40, "batch_size": 4, "lr": 2e-3, "warmup_steps": 2, "checkpoint_every": 5}
     rec = tiny_recipe_file(tmp_path, method=NO_DROPOUT, train=train)
@@ -115,6 +116,7 @@ def test_a_killed_run_resumes_from_its_checkpoint(tiny_phi3, tmp_path):
     assert not (tmp_path / "ft.ckpt").exists()  # a finished run leaves no checkpoint behind
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero", [2, 3])
 def test_deepspeed_two_cpu_ranks_match_one_process(zero, tiny_phi3, tmp_path):
     rec = tiny_recipe_file(tmp_path, method=NO_DROPOUT)
@@ -166,6 +168,7 @@ def test_cpu_training_uses_eager_attention(tiny_phi3):
     assert net.base_model.model.config._attn_implementation == "eager"  # the CPU SDPA backward is slow (methods.py)
 
 
+@pytest.mark.slow
 def test_a_killed_rank_ends_the_job_with_its_cause(tiny_phi3, tmp_path):
     """torch.distributed.run: when one rank dies the others are stopped, the command fails at once with one error
     naming the failure, and nothing is written."""

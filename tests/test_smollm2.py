@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from peft import PeftModel
 
-from conftest import finetune
+from conftest import finetune, merge
 from toolchain.hf.models import load_causal_lm, load_tokenizer
-from conftest import merge
+
+pytestmark = pytest.mark.slow  # the real SmolLM2 weights: make test-all
 
 
 def test_smollm2_short_finetune_and_merge(smollm2, tiny_recipe, tmp_path):

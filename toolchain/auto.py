@@ -106,4 +106,4 @@ def result(cands: list[dict], recipe, reference: dict, folder: Path) -> dict:
     return Report(target="auto", validated=True, status="passed" if choice["pick"] else "gates_missed",
                   passed=choice["pick"] is not None, metric=recipe.metric.name, gates_spec=recipe.gates.model_dump(),
                   reference=reference, **choice, candidates=cands, dropped=DROPPED,
-                  artifact=str(folder / choice["pick"]) if choice["pick"] else None).out()
+                  artifact=str(folder / choice["pick"]) if choice["pick"] else None).out(keep=("pick", "artifact"))

@@ -61,7 +61,7 @@ def get(name: str, kind: str = "decoder") -> dict:
     if kind == "encoder":
         if enc is None:
             built = [n for n, x in TARGETS.items() if "encoder" in x]
-            raise ToolchainError(f"target '{name}' is not built for encoders; use {' or '.join(built)} "
+            raise ToolchainError(f"target '{name}' is not built for encoders; use {' or '.join(reversed(built))} "
                                  f"(pass --target cpu-int8, or set `target:` in the recipe)")
         t.pop("method", None)
         t.update(enc)

@@ -77,6 +77,7 @@ class Report(_Strict):
     dropped: Optional[dict[str, str]] = None
     gates_spec: Optional[dict[str, Any]] = None
 
-    def out(self) -> dict:
-        """The report as JSON-ready data (unset optional fields left out)."""
-        return self.model_dump(exclude_none=True)
+    def out(self, keep: tuple[str, ...] = ()) -> dict:
+        """The report as JSON-ready data: optional fields left out when unset, except those in `keep`."""
+        data = self.model_dump(exclude_none=True)
+        return {**data, **{k: getattr(self, k) for k in keep if k not in data}}

@@ -131,6 +131,18 @@ def tiny_recipe(tmp_path) -> Path:
     return tiny_recipe_file(tmp_path)
 
 
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_phi3, tmp_path_factory):
+    """One tiny Phi-3 cpu-int4 `edge` run (about a minute), shared by every test that needs a built artifact:
+    (root folder, recipe file, the validation report with its headline)."""
+    from toolchain import pipeline
+
+    root = tmp_path_factory.mktemp("edge")
+    rec = tiny_recipe_file(root, gates={})
+    rep = pipeline.edge(str(tiny_phi3), str(rec), target="cpu-int4", out=root / "artifacts")
+    return root, rec, rep
+
+
 def make_tiny_bert(out: Path) -> Path:
     """A 2-layer random BERT (hidden 32) with all-MiniLM-L6-v2's WordPiece tokenizer: the encoder path in seconds."""
     import shutil

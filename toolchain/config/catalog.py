@@ -5,10 +5,14 @@ toolchain/recipes (pyproject.toml's package-dir mapping), with the recipes' data
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Optional
+
+import yaml
 
 from toolchain.runtime.errors import ToolchainError
 from toolchain.config.schema import ModelCard, Recipe, load_yaml
@@ -73,16 +77,92 @@ def recipe_path(name_or_path: str) -> Path:
     return p
 
 
+DATA_KEYS = ("train", "eval")  # the recipe's data files, under data:
+
+
+def data_file(rec_file: Path, key: str, value: str) -> Path:
+    """A data path as the recipe file gives it: absolute, else relative to the recipe's folder, else to the shipped
+    recipes folder (so a recipe copied out of recipes/ still finds data/...). One error names both places looked."""
+    p = Path(value).expanduser()
+    places = [p] if p.is_absolute() else list(dict.fromkeys([rec_file.parent / p, RECIPES_DIR / p]))
+    for c in places:
+        if c.is_file():
+            return c.resolve()
+    looked = " and ".join(str(c) for c in places)
+    raise ToolchainError(f"{rec_file}: key 'data.{key}': data file '{value}' not found (looked for {looked}). Give a "
+                         "path relative to the recipe's folder, or an absolute one (`toolchain recipes cp NAME DEST` "
+                         "writes an editable copy whose data paths are absolute)")
+
+
 def load_recipe(name_or_path: str, max_steps: Optional[int] = None, method: Optional[str] = None) -> tuple[Recipe, Path]:
-    """The validated recipe and its file (data paths are relative to the file's folder), with the command line's
+    """The validated recipe and its file, with its data paths made absolute (data_file) and the command line's
     overrides applied: the one place they are, so every stage, stage key and the manifest see the same recipe."""
     path = recipe_path(name_or_path)
     rec = load_yaml(path, Recipe)
+    d = rec.model_dump()
+    for key in DATA_KEYS:
+        if d["data"][key]:
+            d["data"][key] = str(data_file(path, key, d["data"][key]))
     if max_steps:
-        rec.train.max_steps = max_steps
+        d["train"]["max_steps"] = max_steps
     if method:
-        rec.method.type = method
-    return Recipe.model_validate(rec.model_dump()), path
+        d["method"]["type"] = method
+    return Recipe.model_validate(d), path
+
+
+def copy_recipe(name_or_path: str, dest: Path, copy_data: bool = False, force: bool = False) -> Path:
+    """An editable copy of a recipe at `dest` (a .yaml file, or a folder to put NAME.yaml in) that runs as is from
+    anywhere: its data paths made absolute, or with copy_data the data files copied beside it under the same
+    relative paths. The recipe's comments are kept. Returns the file written."""
+    import shutil
+
+    src = recipe_path(name_or_path)
+    dest = Path(dest)
+    if dest.suffix not in (".yaml", ".yml"):
+        dest = dest / src.name
+    if dest.exists() and not force:
+        raise ToolchainError(f"{dest}: already exists; pass --force to replace it, or give another DEST")
+    rec = load_yaml(src, Recipe)
+    text = src.read_text()
+    files = {k: data_file(src, k, getattr(rec.data, k)) for k in DATA_KEYS if getattr(rec.data, k)}
+    if copy_data:
+        want = {}
+        for k, f in files.items():
+            rel = Path(getattr(rec.data, k))
+            if rel.is_absolute() or ".." in rel.parts:
+                rel = Path("data") / f.name
+            want[k] = rel
+    else:
+        want = files
+    text = _with_data_paths(text, {k: str(v) for k, v in want.items()})
+    check = yaml.safe_load(text)
+    if not all(check.get("data", {}).get(k) == str(v) for k, v in want.items()):  # a layout the line edit missed
+        raw = yaml.safe_load(src.read_text())
+        raw["data"].update({k: str(v) for k, v in want.items()})
+        text = f"# Copied from {src} by `toolchain recipes cp`.\n" + yaml.safe_dump(raw, sort_keys=False)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if copy_data:
+        for k, f in files.items():
+            (dest.parent / want[k]).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dest.parent / want[k])
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(dest)
+    return dest
+
+
+def _with_data_paths(text: str, paths: dict[str, str]) -> str:
+    """The recipe text with data.train / data.eval set to `paths`, line by line so the comments stay."""
+    out, in_data = [], False
+    for line in text.splitlines(keepends=True):
+        if line.strip() and not line[0].isspace() and not line.lstrip().startswith("#"):
+            in_data = line.split(":", 1)[0].strip() == "data"
+        m = re.match(r"^(\s+)(train|eval)(\s*:\s*)([^#\n]*?)(\s*#.*)?(\n?)$", line) if in_data else None
+        if m and m.group(2) in paths:
+            value = json.dumps(paths[m.group(2)])  # a JSON string is a YAML string: quoted, whatever the path holds
+            line = f"{m.group(1)}{m.group(2)}{m.group(3)}{value}{m.group(5) or ''}{m.group(6)}"
+        out.append(line)
+    return "".join(out)
 
 
 def all_recipes() -> dict[str, Recipe]:

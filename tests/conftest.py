@@ -87,8 +87,8 @@ def finetune(model: str, recipe: str, out: Path, *, max_steps=None, method=None,
     from toolchain.config.sources import resolve
     from toolchain.stages.finetune.decoder import finetune as run
 
-    rec, rec_file = load_recipe(recipe, max_steps=max_steps, method=method)
-    return run(resolve(model), rec, rec_file, Path(out), data=Path(data) if data else None, evaluate=evaluate,
+    rec, rec_file = load_recipe(recipe, max_steps=max_steps, method=method, data=data)
+    return run(resolve(model), rec, rec_file, Path(out), evaluate=evaluate,
                launch=Launch(launcher=launcher, nproc=nproc, zero=zero))
 
 

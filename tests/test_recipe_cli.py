@@ -2,6 +2,7 @@
 as is, and a missing data file is one clear error."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import yaml
 from conftest import REPO
 from toolchain.config import catalog
 from toolchain.runtime.errors import ToolchainError
+from toolchain.runtime.fsutil import sha256_file
 
 SHIPPED = REPO / "recipes"
 
@@ -87,3 +89,88 @@ def test_recipes_cp_copy_data_keeps_relative_paths(tmp_path):
     assert (tmp_path / "t/data/translate/eval.jsonl").read_bytes() == (SHIPPED / "data/translate/eval.jsonl").read_bytes()
     rec, _ = catalog.load_recipe(str(dest))
     assert Path(rec.data.train) == (tmp_path / "t/data/translate/train.jsonl").resolve()
+
+
+# ------------------------------------------------------------------ own data: --data / --eval-data
+CITIES = ["Lisbon", "Oslo", "Quito", "Hanoi", "Perth", "Accra", "Lima", "Turin", "Bergen", "Cork", "Malmo", "Porto"]
+
+
+def own_rows(n: int, offset: int = 0) -> str:
+    """A handful of chat rows of our own: a ticket request in words, a one-line JSON answer."""
+    rows = []
+    for i in range(offset, offset + n):
+        city, qty = CITIES[i % len(CITIES)], 1 + i % 4
+        rows.append({"messages": [
+            {"role": "user", "content": f"Two words: {qty} tickets to {city}, please."},
+            {"role": "assistant", "content": json.dumps({"city": city, "qty": qty})}]})
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def test_open_recipe_with_own_data_holds_out_a_seeded_split_and_says_so(tmp_path):
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text(own_rows(12))
+    loaded = catalog.open_recipe("chat-lora", data=str(mine))
+    assert loaded.recipe.data.train == str(mine.resolve()) and loaded.recipe.data.eval is None
+    assert loaded.overrides == (f"data.train={mine.resolve()}", "data.eval=null")
+    assert "no --eval-data" in loaded.note and "seed 0 (train.seed)" in loaded.note and "0.1" in loaded.note
+    held = tmp_path / "held.jsonl"
+    held.write_text(own_rows(3, offset=5))
+    loaded = catalog.open_recipe("chat-lora", data=str(mine), eval_data=str(held), max_steps=3)
+    assert loaded.recipe.data.eval == str(held.resolve()) and loaded.note is None
+    assert loaded.overrides[-1] == "train.max_steps=3" and loaded.recipe.train.max_steps == 3
+    with pytest.raises(ToolchainError, match=r"^--eval-data nope\.jsonl: no such file"):
+        catalog.open_recipe("chat-lora", data=str(mine), eval_data="nope.jsonl")
+
+
+def test_edge_on_own_data_to_a_validated_artifact_and_a_changed_file_retrains(tiny_phi3, tmp_path, capsys):
+    from conftest import tiny_recipe_file
+    from toolchain import pipeline
+
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text(own_rows(12))
+    rec = tiny_recipe_file(tmp_path, gates={})
+    rep = pipeline.edge(str(tiny_phi3), str(rec), target="cpu-int4", out=tmp_path / "artifacts", data=str(mine))
+    assert rep["validated"] and rep["passed"] and rep["measured"]["perplexity"] > 0
+    assert "holding out 0.1 of" in capsys.readouterr().err
+    art = Path(rep["headline"]["artifact"])
+    man = json.loads((art / "manifest.json").read_text())
+    assert man["recipe"]["data"]["train"] == str(mine.resolve()) and man["recipe"]["data"]["eval"] is None
+    assert man["inputs"]["data_files"] == {"data.train": {"path": str(mine.resolve()), "sha256": sha256_file(mine)}}
+    assert len((art / "eval.jsonl").read_text().splitlines()) == 1  # 10% of 12 rows, held out of the user's file
+    again = pipeline.edge(str(tiny_phi3), str(rec), target="cpu-int4", out=tmp_path / "artifacts", data=str(mine))
+    assert again["headline"]["stages_reused"]["finetune"]
+    mine.write_text(own_rows(12, offset=1))  # same size, other rows: the stage keys hash the content
+    changed = pipeline.edge(str(tiny_phi3), str(rec), target="cpu-int4", out=tmp_path / "artifacts", data=str(mine))
+    assert not changed["headline"]["stages_reused"]["finetune"] and changed["validated"]
+    man = json.loads((art / "manifest.json").read_text())
+    assert man["inputs"]["data_files"]["data.train"]["sha256"] == sha256_file(mine)
+
+
+def test_cli_edge_with_own_train_and_eval_data(tiny_phi3, tmp_path):
+    from conftest import tiny_recipe_file
+
+    mine, held = tmp_path / "mine.jsonl", tmp_path / "held.jsonl"
+    mine.write_text(own_rows(12))
+    held.write_text(own_rows(4, offset=3))
+    rec = tiny_recipe_file(tmp_path, gates={})
+    out = tmp_path / "artifacts"
+    r = run_cli("edge", "--model", str(tiny_phi3), "--recipe", str(rec), "--out", str(out), "--data", str(mine),
+                "--eval-data", str(held), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "artifact:" in r.stdout and "no --eval-data" not in r.stderr
+    art = next(out.glob("*/cpu-int4"))
+    man = json.loads((art / "manifest.json").read_text())
+    assert set(man["inputs"]["data_files"]) == {"data.train", "data.eval"}
+    assert man["inputs"]["data_files"]["data.eval"]["sha256"] == sha256_file(held)
+    assert len((art / "eval.jsonl").read_text().splitlines()) == 4
+
+
+def test_bad_own_data_names_file_and_line_and_writes_nothing(tiny_phi3, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(own_rows(2) + '{"messages": [{"role": "user", "content": "no answer"}]}\n')
+    out = tmp_path / "artifacts"
+    r = run_cli("edge", "--model", str(tiny_phi3), "--recipe", "chat-lora", "--out", str(out), "--data", str(bad))
+    assert r.returncode == 2 and f"{bad}:3:" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
+    r = run_cli("edge", "--model", str(tiny_phi3), "--recipe", "chat-lora", "--out", str(out), "--data", "nope.jsonl")
+    assert r.returncode == 2 and "--data nope.jsonl: no such file" in r.stderr and not out.exists()

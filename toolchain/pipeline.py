@@ -20,12 +20,13 @@ from typing import Optional
 from toolchain import auto as auto_mod
 from toolchain import report as report_mod
 from toolchain.config import targets
-from toolchain.config.catalog import load_recipe
+from toolchain.config.catalog import open_recipe
 from toolchain.config.schema import Launch, QuantizeSpec, Recipe
 from toolchain.config.sources import Resolved, resolve
 from toolchain.engine import Stages, console, files_hash, validate_in_own_process
 from toolchain.runtime.contracts import Manifest
 from toolchain.runtime.errors import ToolchainError
+from toolchain.runtime.fsutil import sha256_file
 from toolchain.runtime.manifest import EVAL_FILE
 
 
@@ -52,9 +53,26 @@ class Run:
 
 
 def _inputs(src: Resolved, rec: Recipe, rec_file: Path) -> dict:
+    """What the fine-tune is made from, by content: a changed data file (the recipe's or the user's --data) or
+    changed weights change the stage keys. The manifest keeps each data file's path and sha256."""
     weights = sorted(src.path.glob("*.safetensors")) + [src.path / "config.json"]
-    data_files = [rec_file.parent / f for f in (rec.data.train, rec.data.eval) if f]
-    return {"weights": files_hash(weights), "data": files_hash(data_files)}
+    data_files = {f"data.{k}": rec_file.parent / f for k, f in (("train", rec.data.train), ("eval", rec.data.eval)) if f}
+    return {"weights": files_hash(weights), "data": files_hash(list(data_files.values())),
+            "data_files": {k: {"path": str(p.resolve()), "sha256": sha256_file(p)} for k, p in data_files.items()}}
+
+
+def check_data(rec: Recipe, rec_file: Path, kind: str) -> None:
+    """Read every data file the run will train and score on, before any work: a bad line fails here with
+    file:line, and nothing is written."""
+    from toolchain.runtime import encoder as rt_encoder
+    from toolchain.runtime.rows import read_jsonl
+
+    for f in (rec.data.train, rec.data.eval):
+        if f:
+            if kind == "encoder":
+                rt_encoder.read_rows(rec_file.parent / f, rec.task)
+            else:
+                read_jsonl(rec_file.parent / f)
 
 
 def _scores(scores: Optional[dict]) -> dict:
@@ -205,7 +223,8 @@ def edge_encoder(src: Resolved, rec: Recipe, rec_file: Path, target: str, out: P
                              f"{' or '.join(TASKS)} (or pick a decoder model)")
     t = targets.get(target, kind="encoder")
     if not rec.data.eval:
-        raise ToolchainError(f"{rec_file}: key 'data.eval': encoder recipes need a held-out file")
+        raise ToolchainError(f"{rec_file}: key 'data.eval': encoder recipes need a held-out file (with --data, "
+                             "pass --eval-data too)")
     root = Path(out) / f"{src.card.name}-{rec.name}"
     st = Stages(root, force)
     inputs = _inputs(src, rec, rec_file)
@@ -237,12 +256,17 @@ def edge_encoder(src: Resolved, rec: Recipe, rec_file: Path, target: str, out: P
 def edge(model: Optional[str], recipe: str, target: Optional[str] = None, out: Path = Path("artifacts"),
          exporter: Optional[str] = None, max_steps: Optional[int] = None, model_path: Optional[str] = None,
          trust_remote_code: bool = False, force: bool = False, launch: Launch = Launch(),
-         method: Optional[str] = None) -> dict:
+         method: Optional[str] = None, data=None, eval_data=None) -> dict:
     """Run every stage for one model, recipe and target ("auto": choose among candidates, see auto.py); returns the
-    validation report plus headline figures. Names are resolved here, once; overrides are applied by load_recipe."""
-    rec, rec_file = load_recipe(recipe, max_steps=max_steps, method=method)
+    validation report plus headline figures. Names are resolved here, once; overrides (max_steps, method, data:
+    train on your own JSONL, eval_data: score on it) are applied by open_recipe."""
+    loaded = open_recipe(recipe, max_steps=max_steps, method=method, data=data, eval_data=eval_data)
+    rec, rec_file = loaded.recipe, loaded.file
+    if loaded.note:
+        console.print(f"note: {loaded.note}")  # the engine's console writes to stderr
     target = target or rec.target or "cpu-int4"
     src = resolve(model or rec.model, model_path, trust_remote_code)  # fails fast, before any work
+    check_data(rec, rec_file, src.card.kind)
     if src.card.kind == "encoder":
         return edge_encoder(src, rec, rec_file, target, Path(out), force)
     if target != "auto":

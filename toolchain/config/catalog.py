@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Optional
 
 import yaml
+from pydantic import ValidationError
 
 from toolchain.runtime.errors import ToolchainError
 from toolchain.config.schema import ModelCard, Recipe, load_yaml
@@ -94,20 +96,94 @@ def data_file(rec_file: Path, key: str, value: str) -> Path:
                          "writes an editable copy whose data paths are absolute)")
 
 
-def load_recipe(name_or_path: str, max_steps: Optional[int] = None, method: Optional[str] = None) -> tuple[Recipe, Path]:
-    """The validated recipe and its file, with its data paths made absolute (data_file) and the command line's
-    overrides applied: the one place they are, so every stage, stage key and the manifest see the same recipe."""
+@dataclass(frozen=True)
+class LoadedRecipe:
+    """A recipe as a run uses it: validated, data paths absolute, the command line's overrides applied."""
+    recipe: Recipe
+    file: Path  # the recipe's own file
+    overrides: tuple[str, ...] = ()  # KEY=VALUE for every change the command line made, in the order applied
+    note: Optional[str] = None  # what the user should know (said on stderr): --data without --eval-data holds out
+
+
+def user_file(flag: str, value) -> str:
+    """A data file named on the command line: relative to the current folder, and it must exist."""
+    p = Path(value).expanduser()
+    if not p.is_file():
+        raise ToolchainError(f"{flag} {value}: no such file ({p.resolve()}); give a JSONL file (relative to the "
+                             "current folder, or absolute)")
+    return str(p.resolve())
+
+
+def open_recipe(name_or_path: str, *, max_steps: Optional[int] = None, method: Optional[str] = None,
+                data=None, eval_data=None) -> LoadedRecipe:
+    """Load a recipe and apply the command line's overrides: the one place they are applied, so every stage, stage
+    key and the manifest see the same recipe. In order: --data (train on this file; without --eval-data the eval
+    split is then held out of it, data.eval_fraction seeded by train.seed), --eval-data, --max-steps, --method."""
     path = recipe_path(name_or_path)
-    rec = load_yaml(path, Recipe)
-    d = rec.model_dump()
+    d = load_yaml(path, Recipe).model_dump()
     for key in DATA_KEYS:
         if d["data"][key]:
             d["data"][key] = str(data_file(path, key, d["data"][key]))
+    changes: list[tuple[str, str, object]] = []  # (the flag, for errors; dotted key; value)
+    if data is not None:
+        changes.append(("--data", "data.train", user_file("--data", data)))
+        if eval_data is None:
+            changes.append(("--data", "data.eval", None))  # the recipe's eval file belongs to the recipe's data
+    if eval_data is not None:
+        changes.append(("--eval-data", "data.eval", user_file("--eval-data", eval_data)))
     if max_steps:
-        d["train"]["max_steps"] = max_steps
+        changes.append(("--max-steps", "train.max_steps", max_steps))
     if method:
-        d["method"]["type"] = method
-    return Recipe.model_validate(d), path
+        changes.append(("--method", "method.type", method))
+    for flag, key, value in changes:
+        _assign(d, key, value, flag)
+    rec = _validated(d, changes)
+    note = None
+    if data is not None and eval_data is None:
+        note = (f"no --eval-data: holding out {rec.data.eval_fraction:g} of {data} (data.eval_fraction) to score on, "
+                f"split with seed {rec.train.seed} (train.seed); pass --eval-data FILE to score on your own")
+    return LoadedRecipe(rec, path, tuple(f"{key}={_show(v)}" for _, key, v in changes), note)
+
+
+def load_recipe(name_or_path: str, max_steps: Optional[int] = None, method: Optional[str] = None,
+                data=None, eval_data=None) -> tuple[Recipe, Path]:
+    """open_recipe's recipe and file."""
+    r = open_recipe(name_or_path, max_steps=max_steps, method=method, data=data, eval_data=eval_data)
+    return r.recipe, r.file
+
+
+def _assign(d: dict, key: str, value, flag: str) -> None:
+    """Set the dotted `key` in the recipe mapping; every key the schema knows is there (model_dump fills defaults)."""
+    *parents, leaf = key.split(".")
+    node, path = d, []
+    for part in parents + [leaf]:
+        if not isinstance(node, dict):
+            raise ToolchainError(f"{flag}: '{'.'.join(path)}' is a value, not a section; it has no key '{part}'")
+        if part not in node:
+            where = f"section '{'.'.join(path)}'" if path else "a recipe"
+            raise ToolchainError(f"{flag}: unknown key '{key}' ({where} has: {', '.join(node)})")
+        if part == leaf:
+            node[part] = value
+        else:
+            node, path = node[part], path + [part]
+
+
+def _validated(d: dict, changes: list[tuple[str, str, object]]) -> Recipe:
+    """The recipe schema's verdict, each problem named by the flag that caused it."""
+    try:
+        return Recipe.model_validate(d)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = [str(p) for p in err["loc"]]
+            flag = next((f for f, k, _ in reversed(changes) if loc[: len(k.split("."))] == k.split(".")), None)
+            lines.append(f"{flag or 'recipe'}: key '{'.'.join(loc)}': {err['msg']}")
+        raise ToolchainError("\n".join(lines)) from None
+
+
+def _show(value) -> str:
+    """A value as it would be written after KEY= (YAML reads JSON, so the line reproduces the change)."""
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def copy_recipe(name_or_path: str, dest: Path, copy_data: bool = False, force: bool = False) -> Path:

@@ -154,15 +154,22 @@ def test_cli_edge_with_own_train_and_eval_data(tiny_phi3, tmp_path):
     held.write_text(own_rows(4, offset=3))
     rec = tiny_recipe_file(tmp_path, gates={})
     out = tmp_path / "artifacts"
-    r = run_cli("edge", "--model", str(tiny_phi3), "--recipe", str(rec), "--out", str(out), "--data", str(mine),
-                "--eval-data", str(held), cwd=tmp_path)
+    r = run_cli("edge", "--model", str(tiny_phi3), "--recipe", str(rec), "--out", str(out), "--data", "mine.jsonl",
+                "--eval-data", "held.jsonl", "--set", "method.r=4", "--set", "train.lr=5e-4",
+                "--set", "gates.min_decode_tok_s=1", "--set", "train.bf16=off", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "artifact:" in r.stdout and "no --eval-data" not in r.stderr
+    assert "artifact:" in r.stdout and "no --eval-data" not in r.stderr and "gate min_decode_tok_s" in r.stdout
     art = next(out.glob("*/cpu-int4"))
     man = json.loads((art / "manifest.json").read_text())
     assert set(man["inputs"]["data_files"]) == {"data.train", "data.eval"}
     assert man["inputs"]["data_files"]["data.eval"]["sha256"] == sha256_file(held)
     assert len((art / "eval.jsonl").read_text().splitlines()) == 4
+    assert man["overrides"] == [f"data.train={mine}", f"data.eval={held}", "method.r=4", "train.lr=5e-4",
+                                "gates.min_decode_tok_s=1", "train.bf16=off"]
+    assert man["recipe"]["method"]["r"] == 4 and man["recipe"]["train"]["lr"] == 5e-4
+    assert man["recipe"]["gates"]["min_decode_tok_s"] == 1 and man["recipe"]["train"]["bf16"] == "off"
+    rep = json.loads((art / "report.json").read_text())
+    assert [g["gate"] for g in rep["gates"]] == ["min_decode_tok_s"] and rep["passed"]
 
 
 def test_bad_own_data_names_file_and_line_and_writes_nothing(tiny_phi3, tmp_path):
@@ -174,3 +181,61 @@ def test_bad_own_data_names_file_and_line_and_writes_nothing(tiny_phi3, tmp_path
     assert not out.exists()
     r = run_cli("edge", "--model", str(tiny_phi3), "--recipe", "chat-lora", "--out", str(out), "--data", "nope.jsonl")
     assert r.returncode == 2 and "--data nope.jsonl: no such file" in r.stderr and not out.exists()
+
+
+# ------------------------------------------------------------------ --set KEY=VALUE
+def test_set_reaches_any_key_as_yaml_values_checked_by_the_schema(tmp_path):
+    loaded = catalog.open_recipe("chat-lora", max_steps=7, sets=[
+        "train.lr=5e-4", "method.r=8", "gates.min_metric_fraction=0.9", "train.bf16=on", "train.max_steps=3",
+        "quantize.int8=[qkv_proj, o_proj]", "target=cpu-int8", "gates.min_decode_tok_s=null"])
+    rec = loaded.recipe
+    assert rec.train.lr == 5e-4 and rec.method.r == 8 and rec.gates.min_metric_fraction == 0.9
+    assert rec.train.bf16 == "on"  # YAML reads `on` as true; the key holds text, so it takes the text
+    assert rec.train.max_steps == 3  # --set comes after --max-steps
+    assert rec.quantize.int8 == ["qkv_proj", "o_proj"] and rec.target == "cpu-int8"
+    assert rec.gates.min_decode_tok_s is None and rec.gates.max_perplexity_increase_pct == 10
+    assert loaded.overrides == ("train.max_steps=7", "train.lr=5e-4", "method.r=8", "gates.min_metric_fraction=0.9",
+                                "train.bf16=on", "train.max_steps=3", 'quantize.int8=["qkv_proj", "o_proj"]',
+                                "target=cpu-int8", "gates.min_decode_tok_s=null")
+    again = catalog.open_recipe("chat-lora", sets=list(loaded.overrides))  # the recorded lines replay the change
+    assert again.recipe == rec
+    held = tmp_path / "held.jsonl"
+    held.write_text(own_rows(2))
+    rec = catalog.open_recipe("chat-lora", sets=[f"data.eval={held}"]).recipe
+    assert rec.data.eval == str(held.resolve()) and rec.data.train.endswith("data/chat-lora/train.jsonl")
+
+
+@pytest.mark.parametrize("item, message", [
+    ("train.learning_rate=1e-3", "--set train.learning_rate=1e-3: unknown key 'train.learning_rate' (section 'train' "
+                                 "has: max_steps, batch_size"),
+    ("train.lr=-1", "--set train.lr=-1: key 'train.lr': Input should be greater than 0"),
+    ("method.type=lorax", "--set method.type=lorax: key 'method.type': Input should be 'lora', 'qlora'"),
+    ("quantize.block_size=48", "--set quantize.block_size=48: key 'quantize.block_size': Input should be 16, 32"),
+    ("gates.min_metric_fraction=1.5", "--set gates.min_metric_fraction=1.5: key 'gates.min_metric_fraction': "
+                                      "Input should be less than or equal to 1"),
+    ("train.lr.x=1", "--set train.lr.x=1: 'train.lr' is a value, not a section"),
+    ("nokey", "--set nokey: expected KEY=VALUE"),
+    ("bogus=1", "--set bogus=1: unknown key 'bogus' (a recipe has: name, task"),
+    ("data.train=nope.jsonl", "--set data.train=nope.jsonl: no such file"),
+    ("train.lr=[1", "--set train.lr=[1: the value is not YAML"),
+])
+def test_bad_set_is_exit_2_naming_the_key_and_the_schema(item, message, tmp_path):
+    out = tmp_path / "out"
+    r = run_cli("edge", "--recipe", "chat-lora", "--out", str(out), "--set", "train.max_steps=2", "--set", item)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not out.exists()
+
+
+def test_finetune_takes_set_too(tiny_phi3, tmp_path):
+    from conftest import tiny_recipe_file
+
+    rec = tiny_recipe_file(tmp_path)
+    r = run_cli("finetune", "--model", str(tiny_phi3), "--recipe", str(rec), "--out", str(tmp_path / "bad"),
+                "--set", "method.alpha=0")
+    assert r.returncode == 2 and "--set method.alpha=0: key 'method.alpha': Input should be greater than 0" in r.stderr
+    out = tmp_path / "a"
+    r = run_cli("finetune", "--model", str(tiny_phi3), "--recipe", str(rec), "--out", str(out), "--no-eval",
+                "--set", "method.r=2", "--set", "train.max_steps=1")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 2
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["train"]["max_steps"] == 1

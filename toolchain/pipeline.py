@@ -50,6 +50,7 @@ class Run:
     reference: dict  # torch_base, torch_tuned, onnx_fp32 figures
     training: dict  # method, precision, ranks, ZeRO stage
     base_lineage: list
+    overrides: tuple = ()  # the command line's changes to the recipe file, KEY=VALUE (the manifest records them)
 
 
 def _inputs(src: Resolved, rec: Recipe, rec_file: Path) -> dict:
@@ -81,7 +82,7 @@ def _scores(scores: Optional[dict]) -> dict:
 
 
 def prepare(src: Resolved, rec: Recipe, rec_file: Path, out: Path = Path("artifacts"), exporter: Optional[str] = None,
-            force: bool = False, launch: Launch = Launch()) -> Run:
+            force: bool = False, launch: Launch = Launch(), overrides: tuple = ()) -> Run:
     """finetune -> merge -> export (fp32) -> reference, each reused when its inputs are unchanged."""
     from toolchain.stages.export.decoder import export
     from toolchain.stages.finetune.decoder import finetune
@@ -114,7 +115,7 @@ def prepare(src: Resolved, rec: Recipe, rec_file: Path, out: Path = Path("artifa
     return Run(st=st, root=root, src=src, recipe=rec, rec_file=rec_file, exporter=exporter, inputs=inputs,
                finetune_key=ft.key, merged=mg.out, merged_key=mg.key, export=ex.out, export_key=ex.key,
                reference_dir=rf.out, reference_key=rf.key, reference=figures, training=training,
-               base_lineage=list(st.lineage))
+               base_lineage=list(st.lineage), overrides=tuple(overrides))
 
 
 def build_target(r: Run, target: str, spec: Optional[QuantizeSpec] = None, name: Optional[str] = None,
@@ -153,9 +154,11 @@ def build_target(r: Run, target: str, spec: Optional[QuantizeSpec] = None, name:
         desc["variant_of"] = target
     manifest = Manifest(model_card=r.src.card.model_dump(), recipe=r.recipe.model_dump(), target=desc,
                         versions={}, inputs=r.inputs, training=r.training, reference=r.reference,
-                        lineage=r.base_lineage + [r.st.lineage[-1]])  # the shared stages and this target's own
+                        lineage=r.base_lineage + [r.st.lineage[-1]],  # the shared stages and this target's own
+                        overrides=list(r.overrides) or None)
     # the manifest carries the whole recipe (its gates too): a changed gate repackages, and auto re-validates
-    pkg_in = {"quantize": q.key, "reference": r.reference_key, "finetune": r.finetune_key, "recipe": r.recipe.model_dump()}
+    pkg_in = {"quantize": q.key, "reference": r.reference_key, "finetune": r.finetune_key, "recipe": r.recipe.model_dump(),
+              "overrides": list(r.overrides)}  # the same recipe reached by other overrides: the manifest says which
     if t.get("session_options"):  # written into genai_config.json: a changed default repackages
         pkg_in["session_options"] = t["session_options"]
     art = r.st.run(name if out is None else f"artifact-{name}", pkg_in, out=out or r.root / name, fn=lambda o: {
@@ -208,7 +211,8 @@ def choose_target(r: Run) -> dict:
     return out
 
 
-def edge_encoder(src: Resolved, rec: Recipe, rec_file: Path, target: str, out: Path, force: bool) -> dict:
+def edge_encoder(src: Resolved, rec: Recipe, rec_file: Path, target: str, out: Path, force: bool,
+                 overrides: tuple = ()) -> dict:
     """The same chain for an encoder recipe (classify-encoder, ner): Optimum export, int8, no GenAI folder."""
     from toolchain.hf.encoder import TASKS
     from toolchain.runtime import encoder as rt
@@ -243,8 +247,10 @@ def edge_encoder(src: Resolved, rec: Recipe, rec_file: Path, target: str, out: P
                         target={"name": target, "provider": t["provider"], "precision": t["precision"],
                                 "exporter": "optimum", "quantize": q.summary},
                         encoder={"task": rec.task, "labels": ft.summary["labels"], "max_length": rec.data.max_length},
-                        versions=versions(), inputs=inputs, lineage=st.lineage, reference=figures)
-    art = st.run(target, {"quantize": q.key, "reference": rf.key, "finetune": ft.key, "gates": rec.gates.model_dump()},
+                        versions=versions(), inputs=inputs, lineage=st.lineage, reference=figures,
+                        overrides=list(overrides) or None)
+    art = st.run(target, {"quantize": q.key, "reference": rf.key, "finetune": ft.key, "gates": rec.gates.model_dump(),
+                          "overrides": list(overrides)},
                  out=root / target, fn=lambda o: {"path": str(package_encoder(q.out, ft.out / "model", held, o, manifest))})
     report = validate_in_own_process(art.out)
     report_mod.write_reports(art.out, report)
@@ -256,11 +262,12 @@ def edge_encoder(src: Resolved, rec: Recipe, rec_file: Path, target: str, out: P
 def edge(model: Optional[str], recipe: str, target: Optional[str] = None, out: Path = Path("artifacts"),
          exporter: Optional[str] = None, max_steps: Optional[int] = None, model_path: Optional[str] = None,
          trust_remote_code: bool = False, force: bool = False, launch: Launch = Launch(),
-         method: Optional[str] = None, data=None, eval_data=None) -> dict:
+         method: Optional[str] = None, data=None, eval_data=None, sets: tuple = ()) -> dict:
     """Run every stage for one model, recipe and target ("auto": choose among candidates, see auto.py); returns the
     validation report plus headline figures. Names are resolved here, once; overrides (max_steps, method, data:
-    train on your own JSONL, eval_data: score on it) are applied by open_recipe."""
-    loaded = open_recipe(recipe, max_steps=max_steps, method=method, data=data, eval_data=eval_data)
+    train on your own JSONL, eval_data: score on it, sets: KEY=VALUE for any recipe key) are applied by
+    open_recipe, and the manifest records them."""
+    loaded = open_recipe(recipe, max_steps=max_steps, method=method, data=data, eval_data=eval_data, sets=sets)
     rec, rec_file = loaded.recipe, loaded.file
     if loaded.note:
         console.print(f"note: {loaded.note}")  # the engine's console writes to stderr
@@ -268,10 +275,10 @@ def edge(model: Optional[str], recipe: str, target: Optional[str] = None, out: P
     src = resolve(model or rec.model, model_path, trust_remote_code)  # fails fast, before any work
     check_data(rec, rec_file, src.card.kind)
     if src.card.kind == "encoder":
-        return edge_encoder(src, rec, rec_file, target, Path(out), force)
+        return edge_encoder(src, rec, rec_file, target, Path(out), force, loaded.overrides)
     if target != "auto":
         targets.get(target)  # an unknown target fails before any work
-    r = prepare(src, rec, rec_file, out, exporter, force, launch)
+    r = prepare(src, rec, rec_file, out, exporter, force, launch, loaded.overrides)
     if target == "auto":
         return choose_target(r)
     return validate_artifact(r, build_target(r, target))

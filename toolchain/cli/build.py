@@ -12,7 +12,12 @@ from toolchain.cli.common import (console, err_console, gates_exit, launch_opts,
 
 
 def data_opts(f):
-    """--data / --eval-data: the user's own JSONL instead of the recipe's (applied by config.catalog.open_recipe)."""
+    """--data / --eval-data: the user's own JSONL instead of the recipe's; --set: any recipe key. All applied by
+    config.catalog.open_recipe, once."""
+    f = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                     help="Set any recipe key by its dotted path (repeatable), e.g. --set train.lr=5e-4 --set method.r=8 "
+                          "--set gates.min_metric_fraction=0.9; VALUE is read as YAML and checked by the recipe "
+                          "schema.")(f)
     f = click.option("--eval-data", type=click.Path(), default=None, metavar="EVAL.jsonl",
                      help="Score on this JSONL (default with --data: a held-out split of it, data.eval_fraction "
                           "seeded by train.seed).")(f)
@@ -31,8 +36,8 @@ def data_opts(f):
 @launch_opts
 @path_opt
 @trust_opt
-def finetune(model, recipe, data, eval_data, max_steps, out, no_eval, method, launcher, nproc, zero, nnodes, node_rank,
-             rdzv_endpoint, model_path, trust_remote_code):
+def finetune(model, recipe, data, eval_data, sets, max_steps, out, no_eval, method, launcher, nproc, zero, nnodes,
+             node_rank, rdzv_endpoint, model_path, trust_remote_code):
     """Train by the recipe's method (LoRA, QLoRA, DoRA, rsLoRA, full); report base vs tuned held-out metric.
 
     A run interrupted after a checkpoint resumes from it when started again with the same inputs."""
@@ -40,7 +45,7 @@ def finetune(model, recipe, data, eval_data, max_steps, out, no_eval, method, la
     from toolchain.config.sources import resolve
     from toolchain.stages.finetune.decoder import finetune as run
 
-    loaded = open_recipe(recipe, max_steps=max_steps, method=method, data=data, eval_data=eval_data)
+    loaded = open_recipe(recipe, max_steps=max_steps, method=method, data=data, eval_data=eval_data, sets=sets)
     if loaded.note:
         err_console.print(f"note: {loaded.note}")
     src = resolve(model, model_path, trust_remote_code)
@@ -86,16 +91,17 @@ def merge(model, adapter, out, merge_into, model_path, trust_remote_code):
 @launch_opts
 @path_opt
 @trust_opt
-def edge(model, recipe, target, exporter, out, max_steps, data, eval_data, force, method, launcher, nproc, zero,
+def edge(model, recipe, target, exporter, out, max_steps, data, eval_data, sets, force, method, launcher, nproc, zero,
          nnodes, node_rank, rdzv_endpoint, model_path, trust_remote_code):
     """The whole chain: finetune, merge, export, quantize, package, validate.
 
-    With --data the recipe trains on your own JSONL (chat, prompt/completion or text rows, runtime/rows.py)."""
+    With --data the recipe trains on your own JSONL (chat, prompt/completion or text rows, runtime/rows.py); --set
+    changes any recipe key for this run (the manifest records the overrides)."""
     from toolchain.pipeline import edge as run
 
     rep = run(model, recipe, target=target, out=Path(out), exporter=exporter, max_steps=max_steps,
               model_path=model_path, trust_remote_code=trust_remote_code, force=force, method=method,
-              data=data, eval_data=eval_data, launch=launch_spec(launcher, nproc, zero, nnodes, node_rank, rdzv_endpoint))
+              data=data, eval_data=eval_data, sets=sets, launch=launch_spec(launcher, nproc, zero, nnodes, node_rank, rdzv_endpoint))
     if target == "auto":
         return auto_exit(rep)
     h = rep["headline"]

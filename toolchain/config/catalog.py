@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import yaml
 from pydantic import ValidationError
@@ -105,85 +105,118 @@ class LoadedRecipe:
     note: Optional[str] = None  # what the user should know (said on stderr): --data without --eval-data holds out
 
 
-def user_file(flag: str, value) -> str:
-    """A data file named on the command line: relative to the current folder, and it must exist."""
+def user_file(value, flag: str) -> str:
+    """A data file named on the command line (`flag` as the user typed it, for the error): relative to the current
+    folder, and it must exist."""
     p = Path(value).expanduser()
     if not p.is_file():
-        raise ToolchainError(f"{flag} {value}: no such file ({p.resolve()}); give a JSONL file (relative to the "
-                             "current folder, or absolute)")
+        raise ToolchainError(f"{flag}: no such file ({p.resolve()}); give a JSONL file (relative to the current "
+                             "folder, or absolute)")
     return str(p.resolve())
 
 
 def open_recipe(name_or_path: str, *, max_steps: Optional[int] = None, method: Optional[str] = None,
-                data=None, eval_data=None) -> LoadedRecipe:
+                data=None, eval_data=None, sets: Sequence[str] = ()) -> LoadedRecipe:
     """Load a recipe and apply the command line's overrides: the one place they are applied, so every stage, stage
     key and the manifest see the same recipe. In order: --data (train on this file; without --eval-data the eval
-    split is then held out of it, data.eval_fraction seeded by train.seed), --eval-data, --max-steps, --method."""
+    split is then held out of it, data.eval_fraction seeded by train.seed), --eval-data, --max-steps, --method,
+    then each --set KEY=VALUE (any recipe key by its dotted path; the value read as YAML; data.train/data.eval
+    as files relative to the current folder). The schema checks the result; each problem names its flag."""
     path = recipe_path(name_or_path)
     d = load_yaml(path, Recipe).model_dump()
     for key in DATA_KEYS:
         if d["data"][key]:
             d["data"][key] = str(data_file(path, key, d["data"][key]))
-    changes: list[tuple[str, str, object]] = []  # (the flag, for errors; dotted key; value)
+    changes: list[_Change] = []
     if data is not None:
-        changes.append(("--data", "data.train", user_file("--data", data)))
+        changes.append(_Change("--data", "data.train", user_file(data, f"--data {data}")))
         if eval_data is None:
-            changes.append(("--data", "data.eval", None))  # the recipe's eval file belongs to the recipe's data
+            changes.append(_Change("--data", "data.eval", None))  # the recipe's eval file goes with the recipe's data
     if eval_data is not None:
-        changes.append(("--eval-data", "data.eval", user_file("--eval-data", eval_data)))
+        changes.append(_Change("--eval-data", "data.eval", user_file(eval_data, f"--eval-data {eval_data}")))
     if max_steps:
-        changes.append(("--max-steps", "train.max_steps", max_steps))
+        changes.append(_Change("--max-steps", "train.max_steps", max_steps))
     if method:
-        changes.append(("--method", "method.type", method))
-    for flag, key, value in changes:
-        _assign(d, key, value, flag)
+        changes.append(_Change("--method", "method.type", method))
+    changes += [_parse_set(item) for item in sets]
+    for c in changes:
+        c.apply(d)
     rec = _validated(d, changes)
     note = None
     if data is not None and eval_data is None:
         note = (f"no --eval-data: holding out {rec.data.eval_fraction:g} of {data} (data.eval_fraction) to score on, "
                 f"split with seed {rec.train.seed} (train.seed); pass --eval-data FILE to score on your own")
-    return LoadedRecipe(rec, path, tuple(f"{key}={_show(v)}" for _, key, v in changes), note)
+    return LoadedRecipe(rec, path, tuple(c.line() for c in changes), note)
 
 
 def load_recipe(name_or_path: str, max_steps: Optional[int] = None, method: Optional[str] = None,
-                data=None, eval_data=None) -> tuple[Recipe, Path]:
+                data=None, eval_data=None, sets: Sequence[str] = ()) -> tuple[Recipe, Path]:
     """open_recipe's recipe and file."""
-    r = open_recipe(name_or_path, max_steps=max_steps, method=method, data=data, eval_data=eval_data)
+    r = open_recipe(name_or_path, max_steps=max_steps, method=method, data=data, eval_data=eval_data, sets=sets)
     return r.recipe, r.file
 
 
-def _assign(d: dict, key: str, value, flag: str) -> None:
-    """Set the dotted `key` in the recipe mapping; every key the schema knows is there (model_dump fills defaults)."""
-    *parents, leaf = key.split(".")
-    node, path = d, []
-    for part in parents + [leaf]:
-        if not isinstance(node, dict):
-            raise ToolchainError(f"{flag}: '{'.'.join(path)}' is a value, not a section; it has no key '{part}'")
-        if part not in node:
-            where = f"section '{'.'.join(path)}'" if path else "a recipe"
-            raise ToolchainError(f"{flag}: unknown key '{key}' ({where} has: {', '.join(node)})")
-        if part == leaf:
-            node[part] = value
-        else:
-            node, path = node[part], path + [part]
+@dataclass
+class _Change:
+    """One override: the flag that asked for it (errors name it), the dotted recipe key, the value. `text`: a
+    --set value as typed, which a text key takes as is (--set train.bf16=on is "on", though YAML reads True)."""
+    flag: str
+    key: str
+    value: object
+    text: Optional[str] = None
+
+    def apply(self, d: dict) -> None:
+        """Set the key in the recipe mapping; every key the schema knows is there (model_dump fills defaults)."""
+        *parents, leaf = self.key.split(".")
+        node, path = d, []
+        for part in parents + [leaf]:
+            if not isinstance(node, dict):
+                raise ToolchainError(f"{self.flag}: '{'.'.join(path)}' is a value, not a section; it has no key '{part}'")
+            if part not in node:
+                where = f"section '{'.'.join(path)}'" if path else "a recipe"
+                raise ToolchainError(f"{self.flag}: unknown key '{self.key}' ({where} has: {', '.join(node)})")
+            if part != leaf:
+                node, path = node[part], path + [part]
+        if self.text is not None and isinstance(node[leaf], str) and self.value is not None \
+                and not isinstance(self.value, str):
+            self.value = self.text
+        node[leaf] = self.value
+
+    def covers(self, loc: list[str]) -> bool:
+        return loc[: len(self.key.split("."))] == self.key.split(".")
+
+    def line(self) -> str:
+        """KEY=VALUE as the manifest records it (YAML reads JSON, so `--set LINE` makes the same change)."""
+        return f"{self.key}={self.value if isinstance(self.value, str) else json.dumps(self.value)}"
 
 
-def _validated(d: dict, changes: list[tuple[str, str, object]]) -> Recipe:
-    """The recipe schema's verdict, each problem named by the flag that caused it."""
+def _parse_set(item: str) -> _Change:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ToolchainError(f"--set {item}: expected KEY=VALUE with KEY a dotted recipe path, e.g. --set train.lr=5e-4")
+    flag = f"--set {key}={text}"
+    if key in (f"data.{k}" for k in DATA_KEYS) and text.strip() not in ("", "null", "~"):
+        return _Change(flag, key, user_file(text, flag))
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as e:
+        raise ToolchainError(f"{flag}: the value is not YAML ({getattr(e, 'problem', e)})") from None
+    return _Change(flag, key, value, text)
+
+
+def _validated(d: dict, changes: list[_Change]) -> Recipe:
+    """The recipe schema's verdict on the changed recipe, each problem named by the flag that caused it."""
     try:
         return Recipe.model_validate(d)
     except ValidationError as e:
         lines = []
         for err in e.errors():
             loc = [str(p) for p in err["loc"]]
-            flag = next((f for f, k, _ in reversed(changes) if loc[: len(k.split("."))] == k.split(".")), None)
-            lines.append(f"{flag or 'recipe'}: key '{'.'.join(loc)}': {err['msg']}")
+            flag = next((c.flag for c in reversed(changes) if c.covers(loc)), "recipe")
+            what = "unknown key (check the spelling against the schema)" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"{flag}: key '{'.'.join(loc)}': {what}")
         raise ToolchainError("\n".join(lines)) from None
-
-
-def _show(value) -> str:
-    """A value as it would be written after KEY= (YAML reads JSON, so the line reproduces the change)."""
-    return value if isinstance(value, str) else json.dumps(value)
 
 
 def copy_recipe(name_or_path: str, dest: Path, copy_data: bool = False, force: bool = False) -> Path:

@@ -122,6 +122,7 @@ def build_target(r: Run, target: str, spec: Optional[QuantizeSpec] = None, name:
                  out: Optional[Path] = None) -> Path:
     """Quantize (or build) and package one target (or, with spec/name/out, one variant of cpu-int4 or cpu-int8) from
     the run's stages; returns the artifact folder."""
+    from toolchain.stages.package import VERSION as PACKAGE_VERSION
     from toolchain.stages.package import package
 
     t = targets.get(target)
@@ -158,7 +159,7 @@ def build_target(r: Run, target: str, spec: Optional[QuantizeSpec] = None, name:
                         overrides=list(r.overrides) or None)
     # the manifest carries the whole recipe (its gates too): a changed gate repackages, and auto re-validates
     pkg_in = {"quantize": q.key, "reference": r.reference_key, "finetune": r.finetune_key, "recipe": r.recipe.model_dump(),
-              "overrides": list(r.overrides)}  # the same recipe reached by other overrides: the manifest says which
+              "overrides": list(r.overrides), "layout": PACKAGE_VERSION}  # the same recipe reached by other overrides: the manifest says which
     if t.get("session_options"):  # written into genai_config.json: a changed default repackages
         pkg_in["session_options"] = t["session_options"]
     art = r.st.run(name if out is None else f"artifact-{name}", pkg_in, out=out or r.root / name, fn=lambda o: {

@@ -63,8 +63,8 @@ def _inputs(src: Resolved, rec: Recipe, rec_file: Path) -> dict:
 
 
 def check_data(rec: Recipe, rec_file: Path, kind: str) -> None:
-    """Read every data file the run will train and score on, before any work: a bad line fails here with
-    file:line, and nothing is written."""
+    """Read every data file the run will train and score on, before any stage (or folder) exists: a bad line fails
+    here with file:line, and nothing is written."""
     from toolchain.runtime import encoder as rt_encoder
     from toolchain.runtime.rows import read_jsonl
 
@@ -92,6 +92,7 @@ def prepare(src: Resolved, rec: Recipe, rec_file: Path, out: Path = Path("artifa
     if rec.task == "ner":
         raise ToolchainError(f"recipe '{rec.name}' labels tokens and runs on an encoder; model '{src.card.name}' is a "
                              f"decoder. Use an encoder card (--model minilm-l6) or leave --model out")
+    check_data(rec, rec_file, "decoder")
     root = Path(out) / f"{src.card.name}-{rec.name}"
     st = Stages(root, force)
     inputs = _inputs(src, rec, rec_file)
@@ -230,6 +231,7 @@ def edge_encoder(src: Resolved, rec: Recipe, rec_file: Path, target: str, out: P
     if not rec.data.eval:
         raise ToolchainError(f"{rec_file}: key 'data.eval': encoder recipes need a held-out file (with --data, "
                              "pass --eval-data too)")
+    check_data(rec, rec_file, "encoder")
     root = Path(out) / f"{src.card.name}-{rec.name}"
     st = Stages(root, force)
     inputs = _inputs(src, rec, rec_file)
@@ -274,7 +276,6 @@ def edge(model: Optional[str], recipe: str, target: Optional[str] = None, out: P
         console.print(f"note: {loaded.note}")  # the engine's console writes to stderr
     target = target or rec.target or "cpu-int4"
     src = resolve(model or rec.model, model_path, trust_remote_code)  # fails fast, before any work
-    check_data(rec, rec_file, src.card.kind)
     if src.card.kind == "encoder":
         return edge_encoder(src, rec, rec_file, target, Path(out), force, loaded.overrides)
     if target != "auto":

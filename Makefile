@@ -9,10 +9,14 @@ TARGET    ?=
 OUT       ?= artifacts
 MODEL_PATH ?=
 MAX_STEPS ?=
+DATA      ?=
+EVAL_DATA ?=
+SET       ?=
 NPROC     ?=
 ZERO      ?= 2
 EDGE_ARGS := $(if $(MODEL),--model $(MODEL)) $(if $(TARGET),--target $(TARGET)) $(if $(MODEL_PATH),--model-path $(MODEL_PATH)) \
-             $(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) $(if $(NPROC),--launcher deepspeed --nproc $(NPROC) --zero $(ZERO))
+             $(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) $(if $(NPROC),--launcher deepspeed --nproc $(NPROC) --zero $(ZERO)) \
+             $(if $(DATA),--data $(DATA)) $(if $(EVAL_DATA),--eval-data $(EVAL_DATA)) $(foreach s,$(SET),--set $(s))
 STAMP     := $(VENV)/.setup-stamp
 # make bench: llama-cpp-python (the `bench` extra) is built once from the registry's source distribution for this
 # CPU (several minutes on 2 cores) into an ignored wheel cache, then installed; CI never needs it.
@@ -35,6 +39,8 @@ $(STAMP): pyproject.toml
 	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation 'deepspeed==0.19.8'
 	touch $(STAMP)
 
+# make edge DATA=mine.jsonl [EVAL_DATA=held.jsonl]: the recipe trained on your own JSONL (a held-out split without
+# EVAL_DATA); SET="train.lr=5e-4 method.r=8": any recipe keys for this run
 edge: setup
 	$(BIN)/toolchain edge --recipe $(RECIPE) --out $(OUT) $(EDGE_ARGS)
 

@@ -87,8 +87,8 @@ def finetune(model: str, recipe: str, out: Path, *, max_steps=None, method=None,
     from toolchain.config.sources import resolve
     from toolchain.stages.finetune.decoder import finetune as run
 
-    rec, rec_file = load_recipe(recipe, max_steps=max_steps, method=method)
-    return run(resolve(model), rec, rec_file, Path(out), data=Path(data) if data else None, evaluate=evaluate,
+    rec, rec_file = load_recipe(recipe, max_steps=max_steps, method=method, data=data)
+    return run(resolve(model), rec, rec_file, Path(out), evaluate=evaluate,
                launch=Launch(launcher=launcher, nproc=nproc, zero=zero))
 
 
@@ -129,6 +129,18 @@ def tiny_recipe_file(folder: Path, **overrides) -> Path:
 @pytest.fixture
 def tiny_recipe(tmp_path) -> Path:
     return tiny_recipe_file(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_phi3, tmp_path_factory):
+    """One tiny Phi-3 cpu-int4 `edge` run (about a minute), shared by every test that needs a built artifact:
+    (root folder, recipe file, the validation report with its headline)."""
+    from toolchain import pipeline
+
+    root = tmp_path_factory.mktemp("edge")
+    rec = tiny_recipe_file(root, gates={})
+    rep = pipeline.edge(str(tiny_phi3), str(rec), target="cpu-int4", out=root / "artifacts")
+    return root, rec, rep
 
 
 def make_tiny_bert(out: Path) -> Path:

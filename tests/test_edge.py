@@ -12,20 +12,15 @@ import pytest
 from conftest import REPO
 from test_runtime_torch_free import BLOCK_TORCH
 from toolchain import pipeline
-from toolchain.stages.quantize import nbits as quantize_mod
 from toolchain.runtime.errors import ToolchainError
 from toolchain.runtime.validate import check_gates, validate
+from toolchain.stages.quantize import nbits as quantize_mod
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tiny_phi3, tmp_path_factory):
-    """One tiny Phi-3 edge run shared by the tests below (its stages are reused, never rebuilt)."""
-    from conftest import tiny_recipe_file
-
-    root = tmp_path_factory.mktemp("edge")
-    rec = tiny_recipe_file(root, gates={})
-    rep = pipeline.edge(str(tiny_phi3), str(rec), target="cpu-int4", out=root / "artifacts")
-    return root, rec, rep
+def tiny_run(tiny_artifact):
+    """The session's tiny Phi-3 edge run, shared by the tests below (its stages are reused, never rebuilt)."""
+    return tiny_artifact
 
 
 def test_tiny_phi3_int4_artifact(tiny_run):
@@ -46,7 +41,8 @@ def test_tiny_phi3_int4_artifact(tiny_run):
 
 def test_unchanged_inputs_reuse_every_stage(tiny_run, tiny_phi3, monkeypatch):
     root, rec, _ = tiny_run
-    for mod, fn in [("toolchain.stages.finetune.decoder", "finetune"), ("toolchain.stages.export.decoder", "export"), ("toolchain.stages.quantize.nbits", "quantize")]:
+    for mod, fn in [("toolchain.stages.finetune.decoder", "finetune"), ("toolchain.stages.export.decoder", "export"),
+                    ("toolchain.stages.quantize.nbits", "quantize")]:
         monkeypatch.setattr(f"{mod}.{fn}", lambda *a, **k: pytest.fail(f"{fn} ran again"))
     rep = pipeline.edge(str(tiny_phi3), str(rec), target="cpu-int4", out=root / "artifacts")
     stages = ["finetune", "merged", "export-genai", "reference", "quantize-cpu-int4", "cpu-int4"]

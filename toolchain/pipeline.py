@@ -20,12 +20,13 @@ from typing import Optional
 from toolchain import auto as auto_mod
 from toolchain import report as report_mod
 from toolchain.config import targets
-from toolchain.config.catalog import load_recipe
+from toolchain.config.catalog import open_recipe
 from toolchain.config.schema import Launch, QuantizeSpec, Recipe
 from toolchain.config.sources import Resolved, resolve
 from toolchain.engine import Stages, console, files_hash, validate_in_own_process
 from toolchain.runtime.contracts import Manifest
 from toolchain.runtime.errors import ToolchainError
+from toolchain.runtime.fsutil import sha256_file
 from toolchain.runtime.manifest import EVAL_FILE
 
 
@@ -49,12 +50,30 @@ class Run:
     reference: dict  # torch_base, torch_tuned, onnx_fp32 figures
     training: dict  # method, precision, ranks, ZeRO stage
     base_lineage: list
+    overrides: tuple = ()  # the command line's changes to the recipe file, KEY=VALUE (the manifest records them)
 
 
 def _inputs(src: Resolved, rec: Recipe, rec_file: Path) -> dict:
+    """What the fine-tune is made from, by content: a changed data file (the recipe's or the user's --data) or
+    changed weights change the stage keys. The manifest keeps each data file's path and sha256."""
     weights = sorted(src.path.glob("*.safetensors")) + [src.path / "config.json"]
-    data_files = [rec_file.parent / f for f in (rec.data.train, rec.data.eval) if f]
-    return {"weights": files_hash(weights), "data": files_hash(data_files)}
+    data_files = {f"data.{k}": rec_file.parent / f for k, f in (("train", rec.data.train), ("eval", rec.data.eval)) if f}
+    return {"weights": files_hash(weights), "data": files_hash(list(data_files.values())),
+            "data_files": {k: {"path": str(p.resolve()), "sha256": sha256_file(p)} for k, p in data_files.items()}}
+
+
+def check_data(rec: Recipe, rec_file: Path, kind: str) -> None:
+    """Read every data file the run will train and score on, before any stage (or folder) exists: a bad line fails
+    here with file:line, and nothing is written."""
+    from toolchain.runtime import encoder as rt_encoder
+    from toolchain.runtime.rows import read_jsonl
+
+    for f in (rec.data.train, rec.data.eval):
+        if f:
+            if kind == "encoder":
+                rt_encoder.read_rows(rec_file.parent / f, rec.task)
+            else:
+                read_jsonl(rec_file.parent / f)
 
 
 def _scores(scores: Optional[dict]) -> dict:
@@ -63,7 +82,7 @@ def _scores(scores: Optional[dict]) -> dict:
 
 
 def prepare(src: Resolved, rec: Recipe, rec_file: Path, out: Path = Path("artifacts"), exporter: Optional[str] = None,
-            force: bool = False, launch: Launch = Launch()) -> Run:
+            force: bool = False, launch: Launch = Launch(), overrides: tuple = ()) -> Run:
     """finetune -> merge -> export (fp32) -> reference, each reused when its inputs are unchanged."""
     from toolchain.stages.export.decoder import export
     from toolchain.stages.finetune.decoder import finetune
@@ -73,6 +92,7 @@ def prepare(src: Resolved, rec: Recipe, rec_file: Path, out: Path = Path("artifa
     if rec.task == "ner":
         raise ToolchainError(f"recipe '{rec.name}' labels tokens and runs on an encoder; model '{src.card.name}' is a "
                              f"decoder. Use an encoder card (--model minilm-l6) or leave --model out")
+    check_data(rec, rec_file, "decoder")
     root = Path(out) / f"{src.card.name}-{rec.name}"
     st = Stages(root, force)
     inputs = _inputs(src, rec, rec_file)
@@ -96,13 +116,14 @@ def prepare(src: Resolved, rec: Recipe, rec_file: Path, out: Path = Path("artifa
     return Run(st=st, root=root, src=src, recipe=rec, rec_file=rec_file, exporter=exporter, inputs=inputs,
                finetune_key=ft.key, merged=mg.out, merged_key=mg.key, export=ex.out, export_key=ex.key,
                reference_dir=rf.out, reference_key=rf.key, reference=figures, training=training,
-               base_lineage=list(st.lineage))
+               base_lineage=list(st.lineage), overrides=tuple(overrides))
 
 
 def build_target(r: Run, target: str, spec: Optional[QuantizeSpec] = None, name: Optional[str] = None,
                  out: Optional[Path] = None) -> Path:
     """Quantize (or build) and package one target (or, with spec/name/out, one variant of cpu-int4 or cpu-int8) from
     the run's stages; returns the artifact folder."""
+    from toolchain.stages.package import VERSION as PACKAGE_VERSION
     from toolchain.stages.package import package
 
     t = targets.get(target)
@@ -135,9 +156,11 @@ def build_target(r: Run, target: str, spec: Optional[QuantizeSpec] = None, name:
         desc["variant_of"] = target
     manifest = Manifest(model_card=r.src.card.model_dump(), recipe=r.recipe.model_dump(), target=desc,
                         versions={}, inputs=r.inputs, training=r.training, reference=r.reference,
-                        lineage=r.base_lineage + [r.st.lineage[-1]])  # the shared stages and this target's own
+                        lineage=r.base_lineage + [r.st.lineage[-1]],  # the shared stages and this target's own
+                        overrides=list(r.overrides) or None)
     # the manifest carries the whole recipe (its gates too): a changed gate repackages, and auto re-validates
-    pkg_in = {"quantize": q.key, "reference": r.reference_key, "finetune": r.finetune_key, "recipe": r.recipe.model_dump()}
+    pkg_in = {"quantize": q.key, "reference": r.reference_key, "finetune": r.finetune_key, "recipe": r.recipe.model_dump(),
+              "overrides": list(r.overrides), "layout": PACKAGE_VERSION}  # the same recipe reached by other overrides: the manifest says which
     if t.get("session_options"):  # written into genai_config.json: a changed default repackages
         pkg_in["session_options"] = t["session_options"]
     art = r.st.run(name if out is None else f"artifact-{name}", pkg_in, out=out or r.root / name, fn=lambda o: {
@@ -190,7 +213,8 @@ def choose_target(r: Run) -> dict:
     return out
 
 
-def edge_encoder(src: Resolved, rec: Recipe, rec_file: Path, target: str, out: Path, force: bool) -> dict:
+def edge_encoder(src: Resolved, rec: Recipe, rec_file: Path, target: str, out: Path, force: bool,
+                 overrides: tuple = ()) -> dict:
     """The same chain for an encoder recipe (classify-encoder, ner): Optimum export, int8, no GenAI folder."""
     from toolchain.hf.encoder import TASKS
     from toolchain.runtime import encoder as rt
@@ -205,7 +229,9 @@ def edge_encoder(src: Resolved, rec: Recipe, rec_file: Path, target: str, out: P
                              f"{' or '.join(TASKS)} (or pick a decoder model)")
     t = targets.get(target, kind="encoder")
     if not rec.data.eval:
-        raise ToolchainError(f"{rec_file}: key 'data.eval': encoder recipes need a held-out file")
+        raise ToolchainError(f"{rec_file}: key 'data.eval': encoder recipes need a held-out file (with --data, "
+                             "pass --eval-data too)")
+    check_data(rec, rec_file, "encoder")
     root = Path(out) / f"{src.card.name}-{rec.name}"
     st = Stages(root, force)
     inputs = _inputs(src, rec, rec_file)
@@ -224,8 +250,10 @@ def edge_encoder(src: Resolved, rec: Recipe, rec_file: Path, target: str, out: P
                         target={"name": target, "provider": t["provider"], "precision": t["precision"],
                                 "exporter": "optimum", "quantize": q.summary},
                         encoder={"task": rec.task, "labels": ft.summary["labels"], "max_length": rec.data.max_length},
-                        versions=versions(), inputs=inputs, lineage=st.lineage, reference=figures)
-    art = st.run(target, {"quantize": q.key, "reference": rf.key, "finetune": ft.key, "gates": rec.gates.model_dump()},
+                        versions=versions(), inputs=inputs, lineage=st.lineage, reference=figures,
+                        overrides=list(overrides) or None)
+    art = st.run(target, {"quantize": q.key, "reference": rf.key, "finetune": ft.key, "gates": rec.gates.model_dump(),
+                          "overrides": list(overrides)},
                  out=root / target, fn=lambda o: {"path": str(package_encoder(q.out, ft.out / "model", held, o, manifest))})
     report = validate_in_own_process(art.out)
     report_mod.write_reports(art.out, report)
@@ -237,17 +265,22 @@ def edge_encoder(src: Resolved, rec: Recipe, rec_file: Path, target: str, out: P
 def edge(model: Optional[str], recipe: str, target: Optional[str] = None, out: Path = Path("artifacts"),
          exporter: Optional[str] = None, max_steps: Optional[int] = None, model_path: Optional[str] = None,
          trust_remote_code: bool = False, force: bool = False, launch: Launch = Launch(),
-         method: Optional[str] = None) -> dict:
+         method: Optional[str] = None, data=None, eval_data=None, sets: tuple = ()) -> dict:
     """Run every stage for one model, recipe and target ("auto": choose among candidates, see auto.py); returns the
-    validation report plus headline figures. Names are resolved here, once; overrides are applied by load_recipe."""
-    rec, rec_file = load_recipe(recipe, max_steps=max_steps, method=method)
+    validation report plus headline figures. Names are resolved here, once; overrides (max_steps, method, data:
+    train on your own JSONL, eval_data: score on it, sets: KEY=VALUE for any recipe key) are applied by
+    open_recipe, and the manifest records them."""
+    loaded = open_recipe(recipe, max_steps=max_steps, method=method, data=data, eval_data=eval_data, sets=sets)
+    rec, rec_file = loaded.recipe, loaded.file
+    if loaded.note:
+        console.print(f"note: {loaded.note}")  # the engine's console writes to stderr
     target = target or rec.target or "cpu-int4"
     src = resolve(model or rec.model, model_path, trust_remote_code)  # fails fast, before any work
     if src.card.kind == "encoder":
-        return edge_encoder(src, rec, rec_file, target, Path(out), force)
+        return edge_encoder(src, rec, rec_file, target, Path(out), force, loaded.overrides)
     if target != "auto":
         targets.get(target)  # an unknown target fails before any work
-    r = prepare(src, rec, rec_file, out, exporter, force, launch)
+    r = prepare(src, rec, rec_file, out, exporter, force, launch, loaded.overrides)
     if target == "auto":
         return choose_target(r)
     return validate_artifact(r, build_target(r, target))

@@ -7,32 +7,49 @@ from pathlib import Path
 
 import click
 
-from toolchain.cli.common import (console, gates_exit, launch_opts, launch_spec, model_opt, path_opt, print_scores,
-                                  trust_opt)
+from toolchain.cli.common import (console, err_console, gates_exit, launch_opts, launch_spec, model_opt, path_opt,
+                                  print_scores, trust_opt)
+
+
+def data_opts(f):
+    """--data / --eval-data: the user's own JSONL instead of the recipe's; --set: any recipe key. All applied by
+    config.catalog.open_recipe, once."""
+    f = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                     help="Set any recipe key by its dotted path (repeatable), e.g. --set train.lr=5e-4 --set method.r=8 "
+                          "--set gates.min_metric_fraction=0.9; VALUE is read as YAML and checked by the recipe "
+                          "schema.")(f)
+    f = click.option("--eval-data", type=click.Path(), default=None, metavar="EVAL.jsonl",
+                     help="Score on this JSONL (default with --data: a held-out split of it, data.eval_fraction "
+                          "seeded by train.seed).")(f)
+    return click.option("--data", type=click.Path(), default=None, metavar="TRAIN.jsonl",
+                        help="Train on this JSONL instead of the recipe's data: chat, prompt/completion or text "
+                             "rows; the stage keys hash it, so a changed file retrains.")(f)
 
 
 @click.command()
 @model_opt
 @click.option("--recipe", required=True, help="A recipe name (toolchain recipes) or a path to a recipe YAML.")
-@click.option("--data", type=click.Path(), default=None, help="Train on this JSONL instead of the recipe's data.")
+@data_opts
 @click.option("--max-steps", type=int, default=None, help="Override the recipe's train.max_steps.")
 @click.option("--out", required=True, type=click.Path(), help="Output folder (written atomically).")
 @click.option("--no-eval", is_flag=True, help="Skip the base/tuned held-out scores.")
 @launch_opts
 @path_opt
 @trust_opt
-def finetune(model, recipe, data, max_steps, out, no_eval, method, launcher, nproc, zero, nnodes, node_rank,
-             rdzv_endpoint, model_path, trust_remote_code):
+def finetune(model, recipe, data, eval_data, sets, max_steps, out, no_eval, method, launcher, nproc, zero, nnodes,
+             node_rank, rdzv_endpoint, model_path, trust_remote_code):
     """Train by the recipe's method (LoRA, QLoRA, DoRA, rsLoRA, full); report base vs tuned held-out metric.
 
     A run interrupted after a checkpoint resumes from it when started again with the same inputs."""
-    from toolchain.config.catalog import load_recipe
+    from toolchain.config.catalog import open_recipe
     from toolchain.config.sources import resolve
     from toolchain.stages.finetune.decoder import finetune as run
 
-    rec, rec_file = load_recipe(recipe, max_steps=max_steps, method=method)
+    loaded = open_recipe(recipe, max_steps=max_steps, method=method, data=data, eval_data=eval_data, sets=sets)
+    if loaded.note:
+        err_console.print(f"note: {loaded.note}")
     src = resolve(model, model_path, trust_remote_code)
-    res = run(src, rec, rec_file, Path(out), data=Path(data) if data else None, evaluate=not no_eval,
+    res = run(src, loaded.recipe, loaded.file, Path(out), evaluate=not no_eval,
               launch=launch_spec(launcher, nproc, zero, nnodes, node_rank, rdzv_endpoint))
     t = res["train"]
     console.print(f"[bold]{'model' if res['method'] == 'full' else 'adapter'} written to {out}[/bold]  ({t['steps']} "
@@ -69,18 +86,22 @@ def merge(model, adapter, out, merge_into, model_path, trust_remote_code):
 @click.option("--exporter", type=click.Choice(["genai", "optimum"]), default=None, help="Default: the model card's.")
 @click.option("--out", default="artifacts", show_default=True, type=click.Path())
 @click.option("--max-steps", type=int, default=None, help="Override the recipe's train.max_steps.")
+@data_opts
 @click.option("--force", is_flag=True, help="Redo every stage even when its inputs are unchanged.")
 @launch_opts
 @path_opt
 @trust_opt
-def edge(model, recipe, target, exporter, out, max_steps, force, method, launcher, nproc, zero, nnodes, node_rank,
-         rdzv_endpoint, model_path, trust_remote_code):
-    """The whole chain: finetune, merge, export, quantize, package, validate."""
+def edge(model, recipe, target, exporter, out, max_steps, data, eval_data, sets, force, method, launcher, nproc, zero,
+         nnodes, node_rank, rdzv_endpoint, model_path, trust_remote_code):
+    """The whole chain: finetune, merge, export, quantize, package, validate.
+
+    With --data the recipe trains on your own JSONL (chat, prompt/completion or text rows, runtime/rows.py); --set
+    changes any recipe key for this run (the manifest records the overrides)."""
     from toolchain.pipeline import edge as run
 
     rep = run(model, recipe, target=target, out=Path(out), exporter=exporter, max_steps=max_steps,
               model_path=model_path, trust_remote_code=trust_remote_code, force=force, method=method,
-              launch=launch_spec(launcher, nproc, zero, nnodes, node_rank, rdzv_endpoint))
+              data=data, eval_data=eval_data, sets=sets, launch=launch_spec(launcher, nproc, zero, nnodes, node_rank, rdzv_endpoint))
     if target == "auto":
         return auto_exit(rep)
     h = rep["headline"]

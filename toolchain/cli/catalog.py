@@ -25,10 +25,13 @@ def models(as_json):
         table("model cards (models/*.yaml)", list(rows[0]), rows)
 
 
-@click.command()
+@click.group(invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def recipes(as_json):
-    """List the recipes with their task, method and metric."""
+@click.pass_context
+def recipes(ctx, as_json):
+    """List the recipes with their task, method and metric; `recipes cp NAME DEST` copies one to edit."""
+    if ctx.invoked_subcommand is not None:
+        return
     from toolchain.config.catalog import all_recipes
 
     rows = [{"name": n, "task": r.task, "method": r.method.type, "metric": r.metric.name, "model": r.model,
@@ -37,6 +40,22 @@ def recipes(as_json):
         click.echo(json.dumps(rows, indent=2))
     else:
         table("recipes (recipes/*.yaml)", list(rows[0]), rows)
+
+
+@recipes.command("cp")
+@click.argument("name")
+@click.argument("dest", type=click.Path())
+@click.option("--copy-data", is_flag=True, help="Copy the data files beside DEST (same relative paths) instead of "
+                                                "pointing at them with absolute paths.")
+@click.option("--force", is_flag=True, help="Replace DEST if it exists.")
+def recipes_cp(name, dest, copy_data, force):
+    """Write an editable copy of recipe NAME to DEST (a .yaml file or a folder) that runs as is:
+    toolchain edge --recipe DEST."""
+    from toolchain.config.catalog import copy_recipe
+
+    out = copy_recipe(name, Path(dest), copy_data=copy_data, force=force)
+    how = "its data copied beside it" if copy_data else "data paths absolute"
+    click.echo(f"wrote {out} ({how}); edit it, then: toolchain edge --recipe {out}")
 
 
 @click.command()

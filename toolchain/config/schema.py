@@ -46,6 +46,7 @@ class ModelCard(Strict):
     params: str  # human-readable count, e.g. "135M"
     source: Source
     license: str
+    base_model: Optional[str] = None  # its Hugging Face Hub id, for the artifact's README (default: source.hub)
     context_length: int = Field(gt=0)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     chat_template: Literal["tokenizer", "gguf", "none"] = "tokenizer"  # where the chat template comes from

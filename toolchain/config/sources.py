@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from toolchain.config.catalog import all_cards, get_card, home
+from toolchain.config.catalog import MODELS_DIR, all_cards, get_card, home
 from toolchain.runtime.errors import ToolchainError
 from toolchain.runtime.fsutil import sha256_file
 from toolchain.config.schema import ModelCard
@@ -45,8 +45,10 @@ def package_file(card: ModelCard) -> Optional[Path]:
 
 
 def _hub_cached(repo: str) -> Optional[Path]:
-    from huggingface_hub import snapshot_download
-
+    try:  # a core-only install (no tokenizers, so no huggingface_hub) has no HF cache to read
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        return None
     try:
         return Path(snapshot_download(repo, local_files_only=True))
     except Exception:
@@ -102,7 +104,7 @@ def resolve(model: str, model_path: Optional[str] = None, trust_remote_code: boo
     if card.trust_remote_code and not trust_remote_code:
         raise ToolchainError(
             f"model '{card.name}' runs code from its repository (trust_remote_code) and needs {card.requires or 'extra packages'}. "
-            f"Read models/{card.name}.yaml, then opt in with --trust-remote-code."
+            f"Read {MODELS_DIR / (card.name + '.yaml')}, then opt in with --trust-remote-code."
         )
     for pkg in card.requires:
         if importlib.util.find_spec(pkg) is None:

@@ -97,11 +97,12 @@ class Dataset:
     eval_rows: list  # the held-out rows themselves, for generation metrics
 
 
-def load(recipe, recipe_file: Path, tok, data: Optional[Path] = None) -> Dataset:
-    """The recipe's data (or an override file), split and tokenized."""
-    base = recipe_file.parent
-    train_rows = read_jsonl(data or base / recipe.data.train)
-    if recipe.data.eval and data is None:
+def load(recipe, recipe_file: Path, tok) -> Dataset:
+    """The recipe's data, split and tokenized: its eval file, or without one a seeded held-out split of train.
+    config.catalog.open_recipe has already pointed data.train/data.eval at the user's files (--data, --eval-data)."""
+    base = recipe_file.parent  # the paths are absolute after open_recipe; a bare Recipe may hold relative ones
+    train_rows = read_jsonl(base / recipe.data.train)
+    if recipe.data.eval:
         eval_rows = read_jsonl(base / recipe.data.eval)
     else:
         train_rows, eval_rows = split(train_rows, recipe.data.eval_fraction, recipe.train.seed)

@@ -40,6 +40,7 @@ class Manifest(_Strict):
     lineage: list[dict[str, Any]]
     reference: dict[str, Any]  # torch_base, torch_tuned, onnx_fp32 figures
     encoder: Optional[dict[str, Any]] = None  # task, labels, max_length (encoder artifacts only)
+    overrides: Optional[list[str]] = None  # the command line's changes to the recipe file (--data, --set ...), KEY=VALUE
     files: dict[str, str] = Field(default_factory=dict)  # relative path -> sha256
 
 

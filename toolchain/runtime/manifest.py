@@ -9,8 +9,9 @@ from toolchain.runtime.fsutil import sha256_file
 
 MANIFEST = "manifest.json"
 EVAL_FILE = "eval.jsonl"  # the held-out split every artifact ships, tokenized (decoders) or as rows (encoders)
-# Written after packaging (by validate): not covered by the hashes.
-OUTPUTS = {MANIFEST, "report.json", "report.md", "report.png"}
+MODEL_CARD = "README.md"  # a decoder artifact's model card: its scores exist only after validation
+# Written after packaging (by validate and the reports): not covered by the hashes.
+OUTPUTS = {MANIFEST, "report.json", "report.md", "report.png", MODEL_CARD}
 
 
 def file_hashes(folder: Path) -> dict[str, str]:

@@ -1,12 +1,14 @@
 """Stage 6: assemble the artifact a user copies to a device.
 
     <target>/  the onnxruntime-genai folder (model, genai_config.json, tokenizer, chat template)
+               inference_model.json  its name and prompt template for Foundry Local and the AI Toolkit
                eval.jsonl      the held-out split, tokenized, with the fp32 ONNX model's greedy tokens
                manifest.json   card, resolved recipe, package versions, input hashes, sha256 of every file,
                                stage lineage, how it was trained (method, precision, ranks, ZeRO stage),
                                reference metrics (torch base/tuned, fp32 ONNX)
 An encoder artifact (package_encoder) is model.onnx, tokenizer.json, eval.jsonl and manifest.json.
-Reports (report.json, report.md, report.png) are added by validation and are not hashed.
+Reports (report.json, report.md, report.png) and the model card README.md (it carries the scores) are added
+after validation and are not hashed.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from toolchain.runtime.encoder import MODEL as ENCODER_MODEL
 from toolchain.runtime.encoder import TOKENIZER as ENCODER_TOKENIZER
 from toolchain.runtime.manifest import EVAL_FILE
 
+VERSION = 2  # part of the package stage's key: bump when the files an artifact holds change (2: inference_model.json)
+INFERENCE_MODEL = "inference_model.json"
 PACKAGES = ["edge-toolchain", "torch", "transformers", "peft", "optimum", "optimum-onnx", "onnx", "onnxruntime",
             "onnxruntime-genai", "tokenizers", "numpy"]
 
@@ -47,8 +51,35 @@ def package(quantized: Path, eval_file: Path, out: Path, manifest: Manifest) -> 
                 shutil.copy2(p, tmp / p.name)
         shutil.copy2(eval_file, tmp / EVAL_FILE)
         stamp_genai_config(tmp, manifest.target)
+        write_inference_model(tmp, artifact_name(manifest.out()))
         _write_manifest(tmp, manifest)
     return Path(out)
+
+
+def artifact_name(manifest: dict) -> str:
+    """The artifact's model name (inference_model.json's Name, the README's title): model-recipe-target."""
+    return f"{manifest['model_card']['name']}-{manifest['recipe']['name']}-{manifest['target']['name']}"
+
+
+def write_inference_model(folder: Path, name: str) -> dict:
+    """inference_model.json: how Foundry Local finds a local onnxruntime-genai model and prompts it.
+
+    Format checked against Foundry Local's own documentation and source, not guessed:
+      - microsoft/Foundry-Local docs/how-to/compile-models-for-foundry-local.md: the file holds "Name" and a
+        "PromptTemplate" whose "prompt" is the chat template applied to one user turn with the content "{Content}"
+        and the generation prompt (they build it with apply_chat_template, as here), and "assistant": "{Content}";
+      - the Foundry Local C++ SDK's catalog/local_model_scanner.cc: a folder is a local model when it holds
+        genai_config.json and an inference_model.json with a string "Name" (":0" is appended when the name has
+        no ":version"); toolCallStart / toolCallEnd / supportsToolCalling are optional and left out here;
+      - sdk_v2/js/docs/interfaces/PromptTemplate.md: assistant and prompt required, system and user optional.
+    The AI Toolkit's model-lab evaluator reads the same PromptTemplate.prompt. A model without a chat template gets
+    "{Content}" as is (what toolchain.hf.models.user_prompt gives)."""
+    from toolchain.hf.models import load_tokenizer, user_prompt
+
+    tok = load_tokenizer(Path(folder))  # the artifact's own tokenizer files and chat template
+    doc = {"Name": name, "PromptTemplate": {"assistant": "{Content}", "prompt": user_prompt(tok, "{Content}")}}
+    (Path(folder) / INFERENCE_MODEL).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    return doc
 
 
 def _write_manifest(folder: Path, manifest: Manifest) -> None:

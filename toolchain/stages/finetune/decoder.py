@@ -18,7 +18,6 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 import yaml
@@ -44,21 +43,22 @@ def _bf16_base(mode: str, method: str) -> bool:
     return mode == "on" or (mode == "auto" and bf16_fast())
 
 
-def finetune(src: Resolved, rec: Recipe, rec_file: Path, out: Path, *, data: Optional[Path] = None,
-             evaluate: bool = True, launch: Launch = Launch()) -> dict:
+def finetune(src: Resolved, rec: Recipe, rec_file: Path, out: Path, *, evaluate: bool = True,
+             launch: Launch = Launch()) -> dict:
     """Train `rec` (command-line overrides already applied) on the resolved model; returns the metrics written to
-    out/metrics.json. `rec_file`: the recipe's file, whose folder its data paths are relative to.
+    out/metrics.json. `rec_file`: the recipe's file (open_recipe has made the data paths absolute and pointed them at
+    the user's files for --data / --eval-data).
 
     launch.launcher "deepspeed" starts launch.nproc ranks (on each of launch.nnodes nodes) running this same function
     under DeepSpeed ZeRO-`launch.zero`, through torch.distributed.run (distributed.py)."""
     if launch.launcher == "deepspeed" and not dist_mod.in_worker():
-        return dist_mod.launch(src, rec, rec_file, out, data=data, evaluate=evaluate, launch=launch)
+        return dist_mod.launch(src, rec, rec_file, out, evaluate=evaluate, launch=launch)
     rank, world = dist_mod.rank_world()
     lead = rank == 0
     zero, trust_remote_code = launch.zero, src.trust_remote_code
     spec, method = rec.train, rec.method
     tok = load_tokenizer(src.path, trust_remote_code)
-    ds = data_mod.load(rec, rec_file, tok, Path(data) if data else None)
+    ds = data_mod.load(rec, rec_file, tok)
     micro_batches(list(range(spec.batch_size)), 0, world, spec.grad_accum)  # fail fast on a bad split
     bf16 = _bf16_base(spec.bf16, method.type) and world == 1  # ranks train an fp32 base: ZeRO flattens one dtype
     out = Path(out)
@@ -141,8 +141,9 @@ def finetune(src: Resolved, rec: Recipe, rec_file: Path, out: Path, *, data: Opt
         tok.save_pretrained(folder)
         resolved = rec.model_dump()
         resolved["model"] = src.card.name
-        resolved["data"]["train"] = str(Path(data).resolve() if data else (rec_file.parent / rec.data.train).resolve())
-        resolved["data"]["eval"] = str((rec_file.parent / rec.data.eval).resolve()) if rec.data.eval and not data else None
+        for key in ("train", "eval"):
+            if resolved["data"][key]:
+                resolved["data"][key] = str((rec_file.parent / resolved["data"][key]).resolve())
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
         (tmp / "loss_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
         results["base_model_path"] = str(src.path)

@@ -68,7 +68,7 @@ def launcher_args(nproc: int, nnodes: int = 1, node_rank: int = 0, rdzv_endpoint
     return args
 
 
-def launch(src, rec, rec_file: Path, out: Path, *, data: Optional[Path], evaluate: bool, launch: Launch) -> dict:
+def launch(src, rec, rec_file: Path, out: Path, *, evaluate: bool, launch: Launch) -> dict:
     """Run the fine-tune in launch.nproc DeepSpeed ranks on each of launch.nnodes nodes; returns rank 0's metrics
     (on node 0). The ranks get the resolved model and recipe as JSON: they train exactly what the caller holds."""
     try:
@@ -92,7 +92,7 @@ def launch(src, rec, rec_file: Path, out: Path, *, data: Optional[Path], evaluat
         args_file.write_text(json.dumps({
             "card": src.card.model_dump(), "path": str(src.path), "trust_remote_code": src.trust_remote_code,
             "recipe": rec.model_dump(), "recipe_file": str(Path(rec_file).resolve()), "out": str(out),
-            "data": str(data) if data else None, "evaluate": evaluate, "launch": launch.model_dump()}))
+            "evaluate": evaluate, "launch": launch.model_dump()}))
         cmd = launcher_args(launch.nproc, launch.nnodes, launch.node_rank, launch.rdzv_endpoint, Path(work) / "logs")
         code, launcher_tail = _run_teed([*cmd, "-m", WORKER, str(args_file)], env)
         if code:

@@ -18,8 +18,7 @@ def main() -> None:
     src = Resolved(ModelCard.model_validate(a["card"]), Path(a["path"]), a["trust_remote_code"])
     try:
         finetune(src, Recipe.model_validate(a["recipe"]), Path(a["recipe_file"]), Path(a["out"]),
-                 data=Path(a["data"]) if a["data"] else None, evaluate=a["evaluate"],
-                 launch=Launch.model_validate(a["launch"]))
+                 evaluate=a["evaluate"], launch=Launch.model_validate(a["launch"]))
     except ToolchainError as e:
         print(f"error (rank {os.environ.get('RANK')}): {e}", file=sys.stderr)
         sys.exit(2)

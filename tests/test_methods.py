@@ -198,3 +198,16 @@ def test_a_killed_rank_ends_the_job_with_its_cause(tiny_phi3, tmp_path):
     assert "DeepSpeed ranks failed" in err and "nothing written" in err and "torch.distributed.run" in err
     assert "SIGKILL" in err or "-9" in err  # the launcher's summary names how the rank died
     assert not out.exists()
+
+
+def test_bf16_is_chosen_by_measurement_and_refused_on_an_avx2_path(tmp_path):
+    """The fast path's dtype comes from timing this CPU, not a flag list: held to AVX2 (as on an AVX2-only EPYC),
+    bf16 is emulated and far slower, so both the bf16 base and QLoRA's auto compute dtype fall back to fp32."""
+    code = ("from toolchain.hf.models import bf16_fast, compute_dtype; import json; "
+            "print(json.dumps([bf16_fast(), compute_dtype('auto'), compute_dtype('bfloat16')]))")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "TOOLCHAIN_HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.splitlines()[-1]) == [False, "float32", "bfloat16"]
+    cached = list((tmp_path / "host").glob("bf16-*.json"))
+    assert len(cached) == 1 and json.loads(cached[0].read_text())["bf16_s"] > json.loads(cached[0].read_text())["fp32_s"]

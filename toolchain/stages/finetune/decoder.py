@@ -31,7 +31,7 @@ from toolchain.config.schema import Launch, Recipe
 from toolchain.runtime.errors import ToolchainError
 from toolchain.hf.evaluate import score
 from toolchain.runtime.fsutil import atomic_dir
-from toolchain.hf.models import bf16_fast, collate, load_causal_lm, load_tokenizer
+from toolchain.hf.models import bf16_fast, collate, compute_dtype, load_causal_lm, load_tokenizer
 from toolchain.config.sources import Resolved
 from toolchain.stages.finetune.batching import causal_lm_loss, lr_at, micro_batches, seed_everything, step_indices, trained_tokens
 from toolchain.stages.finetune.checkpoint import Checkpoint
@@ -82,7 +82,7 @@ def finetune(src: Resolved, rec: Recipe, rec_file: Path, out: Path, *, evaluate:
     if state and world == 1:
         start, log = ckpt.restore(state, net, opt)
         print(f"resuming from the checkpoint at step {start} in {ckpt.folder}", flush=True)
-    precision = "nf4+" + method.compute_dtype if method.type == "qlora" else ("bf16 base" if bf16 else "fp32")
+    precision = "nf4+" + compute_dtype(method.compute_dtype) if method.type == "qlora" else ("bf16 base" if bf16 else "fp32")
 
     net.train()
     t0, cpu0, tokens = time.time(), time.process_time(), 0

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from toolchain.hf.models import compute_dtype
 from toolchain.runtime.errors import ToolchainError
 from toolchain.config.schema import MethodSpec
 
@@ -27,7 +28,7 @@ def load_nf4(path: Path, method: MethodSpec, trust_remote_code: bool = False):
 
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=method.quant_type,
                              bnb_4bit_use_double_quant=method.double_quant,
-                             bnb_4bit_compute_dtype=getattr(torch, method.compute_dtype))
+                             bnb_4bit_compute_dtype=getattr(torch, compute_dtype(method.compute_dtype)))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         net = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, device_map=device, dtype=torch.float32,

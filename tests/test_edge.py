@@ -11,9 +11,11 @@ import pytest
 
 from conftest import REPO
 from test_runtime_torch_free import BLOCK_TORCH
-from toolchain import pipeline, quantize as quantize_mod
-from toolchain.errors import ToolchainError
-from toolchain.runtime.validate import check_gates, validate
+from toolchain import pipeline
+from toolchain.runtime.errors import ToolchainError
+from toolchain.runtime.gates import check_gates
+from toolchain.runtime.validate import validate
+from toolchain.stages.quantize import nbits as quantize_mod
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,8 @@ def test_tiny_phi3_int4_artifact(tiny_run):
 
 def test_unchanged_inputs_reuse_every_stage(tiny_run, tiny_phi3, monkeypatch):
     root, rec, _ = tiny_run
-    for mod, fn in [("toolchain.finetune", "finetune"), ("toolchain.export", "export"), ("toolchain.quantize", "quantize")]:
+    for mod, fn in [("toolchain.stages.finetune.decoder", "finetune"), ("toolchain.stages.export.decoder", "export"),
+                    ("toolchain.stages.quantize.nbits", "quantize")]:
         monkeypatch.setattr(f"{mod}.{fn}", lambda *a, **k: pytest.fail(f"{fn} ran again"))
     rep = pipeline.edge(str(tiny_phi3), str(rec), target="cpu-int4", out=root / "artifacts")
     assert rep["passed"]
@@ -59,13 +62,13 @@ def test_interrupted_run_resumes_at_that_stage(tiny_run, tiny_phi3, monkeypatch)
         calls.append(1)
         raise KeyboardInterrupt  # as if killed mid-stage
 
-    monkeypatch.setattr("toolchain.quantize.quantize", dies)
+    monkeypatch.setattr("toolchain.stages.quantize.nbits.quantize", dies)
     with pytest.raises(KeyboardInterrupt):
         pipeline.edge(str(tiny_phi3), str(rec), target="cpu-int8", out=root / "artifacts")
     run = root / "artifacts" / "tiny-phi30-chat-lora"
     assert not (run / "stages" / "quantize-cpu-int8").exists() and not (run / "cpu-int8").exists()
-    monkeypatch.setattr("toolchain.quantize.quantize", real)
-    monkeypatch.setattr("toolchain.finetune.finetune", lambda *a, **k: pytest.fail("finetune redone"))
+    monkeypatch.setattr("toolchain.stages.quantize.nbits.quantize", real)
+    monkeypatch.setattr("toolchain.stages.finetune.decoder.finetune", lambda *a, **k: pytest.fail("finetune redone"))
     rep = pipeline.edge(str(tiny_phi3), str(rec), target="cpu-int8", out=root / "artifacts")
     assert rep["target"] == "cpu-int8" and (run / "cpu-int8" / "manifest.json").is_file() and calls == [1]
 

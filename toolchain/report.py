@@ -26,6 +26,16 @@ def _siblings(siblings: dict[str, dict], metric) -> list[str]:
     return lines
 
 
+def _host(rep: dict) -> list[str]:
+    """The machine and session settings the figures were measured with (reports from before they were recorded: none)."""
+    from toolchain.runtime import host, session
+
+    lines = [f"Host: {host.one_line(rep['host'])}."] if rep.get("host") else []
+    if rep.get("session"):
+        lines.append(f"Session: {session.one_line(rep['session'])}.")
+    return lines + [""] if lines else []
+
+
 def _metric(rep: dict):
     """The recipe's task metric when the report carries it (perplexity has its own row), else exact match."""
     name = rep.get("metric", "exact_match")
@@ -41,7 +51,7 @@ def markdown(rep: dict, siblings: dict[str, dict]) -> str:
     metric = _metric(rep)
     lines = [f"# {rep['target']} — {rep['artifact']}", "",
              f"Validated with ONNX Runtime GenAI on the `{rep['provider']}` execution provider "
-             f"({'all gates passed' if rep['passed'] else 'GATES MISSED'}).", ""] + (
+             f"({'all gates passed' if rep['passed'] else 'GATES MISSED'}).", ""] + _host(rep) + (
              [f"Note: {rep['note']}" + "".join(f"; `{g}` not applied" for g in rep.get("gates_not_applicable", [])) + ".", ""]
              if rep.get("note") else []) + [
              "| figure | value |", "|---|---|",

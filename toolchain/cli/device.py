@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from toolchain.cli.common import console, err_console, gates_exit
+from toolchain.runtime import host, session
 
 
 @click.command()
@@ -17,7 +18,9 @@ from toolchain.cli.common import console, err_console, gates_exit
               help="Generate the answers with prompt-lookup decoding, drafts of up to K tokens (3 was the best of 3 and 8 "
                    "for SmolLM2 at one thread, bench/results/lookup-*.md); the report adds its speed beside "
                    "plain greedy's.")
-def validate(artifact, data, as_json, lookup):
+@click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Intra-op threads for this run (default: this host's usable cores).")
+def validate(artifact, data, as_json, lookup, threads):
     """Check an artifact on this machine (torch-free): integrity, latency, accuracy, gates.
 
     Exit 0: gates passed; 1: a gate missed; 2: bad input; 3: built, not validated here (the EP is missing)."""
@@ -26,7 +29,8 @@ def validate(artifact, data, as_json, lookup):
 
     with err_console.status("validating (latency runs, then held-out accuracy)") as status:
         rep = run(Path(artifact), Path(data) if data else None,
-                  progress=lambda i, n: status.update(f"held-out generation {i}/{n}"), lookup=lookup)
+                  progress=lambda i, n: status.update(f"held-out generation {i}/{n}"), lookup=lookup,
+                  threads=threads)
     (Path(artifact) / "report.json").write_text(json.dumps(rep, indent=2))
     if as_json:
         click.echo(json.dumps(rep, indent=2))
@@ -40,6 +44,7 @@ def validate(artifact, data, as_json, lookup):
         console.print(f"[bold]{rep['target']}[/bold] on {rep['provider']}: decode {m['decode_tok_s_p50']:.1f} tok/s, "
                       f"TTFT p50 {m['ttft_ms_p50']:.0f} ms, prefill {m['prefill_tok_s']:.0f} tok/s, "
                       f"peak RSS {m['peak_rss_mb']:.0f} MB, size {m['size_mb']:.1f} MB")
+        console.print(f"  host: {host.one_line(rep['host'])}; session: {session.one_line(rep['session'])}")
         figs = ["exact_match", *FAMILIES.get(rep.get("metric"), []), "token_agreement_fp32"]
         console.print(f"  perplexity {m['perplexity']:.3f}" + "".join(
             f", {k} {m[k]:.3f}" for k in dict.fromkeys(figs) if k in m))

@@ -62,6 +62,7 @@ class Report(_Strict):
     measured: dict[str, Any] = Field(default_factory=dict)
     reference: dict[str, Any] = Field(default_factory=dict)
     host: Optional[dict[str, Any]] = None
+    session: Optional[dict[str, Any]] = None  # decoders: {setting: {"value", "from"}} the run used (runtime/session.py)
     seconds: Optional[float] = None
     figures: Optional[list[str]] = None  # encoders: the task figures reported
     decoding: Optional[str] = None  # with --lookup

@@ -9,19 +9,22 @@ from typing import Optional
 
 import numpy as np
 
+from toolchain.runtime import session as session_mod
 from toolchain.runtime.errors import ToolchainError
 from toolchain.runtime.lookup import decode as lookup_decode
 from toolchain.runtime.lookup import greedy
 from toolchain.runtime.metrics import log_softmax
 
 
-def load(folder: Path, provider: str = "cpu", options: Optional[dict] = None):
+def load(folder: Path, provider: str = "cpu", options: Optional[dict] = None, session: Optional[dict] = None):
     """(model, tokenizer) for an onnxruntime-genai folder, on the given execution provider (onnxruntime-genai's
     name: cpu, cuda, dml, webgpu, qnn) with its options. "cpu" drops any EP genai_config.json names, so a QDQ
-    model built for an NPU runs on the CPU EP."""
+    model built for an NPU runs on the CPU EP. `session`: the settings from runtime/session.resolve (default: that
+    of this folder with no --threads, i.e. this host's usable cores), applied as an overlay, the folder untouched."""
     import onnxruntime_genai as og
 
     cfg = og.Config(str(folder))
+    cfg.overlay(session_mod.overlay(session or session_mod.resolve(Path(folder))))
     cfg.clear_providers()
     if provider != "cpu":
         cfg.append_provider(provider)

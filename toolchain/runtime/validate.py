@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from toolchain.runtime import genai, host, manifest, metrics
+from toolchain.runtime import genai, host, manifest, metrics, session
 from toolchain.runtime.contracts import Report
 from toolchain.runtime.gates import check_gates, merge_gates
 from toolchain.runtime.manifest import EVAL_FILE
@@ -119,10 +119,13 @@ def _size_mb(folder: Path, man: dict) -> float:
     return sum(p.stat().st_size for p in folder.iterdir() if p.name in man["files"] and p.suffix in (".onnx", ".data")) / 1e6
 
 
-def validate(folder: Path, data: Optional[Path] = None, progress=None, lookup: int = 0) -> dict:
+def validate(folder: Path, data: Optional[Path] = None, progress=None, lookup: int = 0,
+             threads: Optional[int] = None) -> dict:
     """The report. status: "passed", "gates_missed", or "not_validated" (EP missing here: never a pass).
     lookup > 0: the task's answers are generated with prompt-lookup decoding (drafts of up to `lookup` tokens), and
-    the latency block adds its speed beside plain greedy's, which the gates keep reading."""
+    the latency block adds its speed beside plain greedy's, which the gates keep reading. threads: intra-op threads
+    for this run (default: runtime/session.resolve's); the report's `session` says what ran and why, `host` the
+    thread count."""
     folder = Path(folder)
     man = manifest.verify(folder)
     if man.get("model_card", {}).get("kind") == "encoder":  # ONNX + tokenizers, no GenAI folder
@@ -130,14 +133,15 @@ def validate(folder: Path, data: Optional[Path] = None, progress=None, lookup: i
 
         return validate_encoder(folder, man, data, progress)
     target = man["target"]
+    settings = session.resolve(folder, threads)
     base = {"artifact": str(folder), "target": target["name"], "ep": target.get("ep", "CPUExecutionProvider"),
             "precision": target.get("precision"), "reference": man.get("reference", {}),
-            "host": host.describe()}
+            "host": host.describe(session.threads(settings)), "session": settings}
     provider, note = pick_provider(target)
     if provider is None:
         return Report(**base, metric=man["recipe"]["metric"]["name"], validated=False, status="not_validated",
                       reason=note, measured={"size_mb": _size_mb(folder, man)}, passed=False).out()
-    model, tok = genai.load(folder, provider, target.get("provider_options") if provider != "cpu" else None)
+    model, tok = genai.load(folder, provider, target.get("provider_options") if provider != "cpu" else None, settings)
     rows = _rows(folder, data, tok)
     rec = man["recipe"]
     t0 = time.time()

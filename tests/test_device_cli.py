@@ -80,3 +80,64 @@ def test_validate_records_the_threads_it_ran(art):
     cores = len(os.sched_getaffinity(0))
     assert f"{cores} cores, {cores} threads" in r.stdout and "(default)" in r.stdout
     assert f"{cores} cores, {cores} threads" in (art / "report.md").read_text()
+
+
+def test_tune_writes_a_profile_that_validate_applies(art):
+    r = device("tune", art, "--threads", "1,2", "--spinning", "0,1", "--runs", 2, "--json")
+    assert r.returncode == 0, r.stderr
+    prof = json.loads(r.stdout)
+    assert json.loads((art / "device_profile.json").read_text()) == prof
+    assert [(m["intra_op_num_threads"], m["session.intra_op.allow_spinning"]) for m in prof["measured"]] == [
+        (1, "0"), (1, "1"), (2, "0"), (2, "1")]
+    best = max(prof["measured"], key=lambda m: m["decode_tok_s_p50"])
+    assert prof["session_options"] == {"intra_op_num_threads": best["intra_op_num_threads"],
+                                       "session.intra_op.allow_spinning": best["session.intra_op.allow_spinning"]}
+    assert prof["host"]["threads"] == best["intra_op_num_threads"] and prof["created"]
+    r = device("validate", art, "--json")
+    assert r.returncode == 0, r.stderr  # the manifest still holds: the profile is not one of its files
+    rep = json.loads(r.stdout)
+    assert rep["session"]["intra_op_num_threads"] == {"value": best["intra_op_num_threads"], "from": "profile"}
+    assert rep["session"]["session.intra_op.allow_spinning"]["from"] == "profile"
+    assert rep["host"]["threads"] == best["intra_op_num_threads"]
+    rep = json.loads(device("validate", art, "--json", "--threads", 3).stdout)
+    assert rep["session"]["intra_op_num_threads"] == {"value": 3, "from": "--threads"}
+    assert rep["session"]["session.intra_op.allow_spinning"]["from"] == "profile"
+
+
+@pytest.mark.parametrize("weight", ["model.onnx.data", "model.onnx"])
+def test_a_tuned_artifact_still_fails_on_a_tampered_weight(art, weight):
+    assert device("tune", art, "--threads", "1", "--spinning", "1", "--runs", 1).returncode == 0
+    blob = bytearray((art / weight).read_bytes())
+    blob[len(blob) // 2] ^= 0x01
+    (art / weight).write_bytes(bytes(blob))
+    r = device("validate", art)
+    assert r.returncode == 2 and f"{weight}: sha256 differs from the manifest" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("profile, key", [
+    ({"session_options": {"intra_op_num_threads": 2, "graph_optimization_level": "ORT_DISABLE_ALL"}},
+     "key 'session_options.graph_optimization_level': unknown key (allowed: intra_op_num_threads, "
+     "session.intra_op.allow_spinning)"),
+    ({"session_options": {"intra_op_num_threads": 0}}, "key 'session_options.intra_op_num_threads': Input should be"),
+    ({"session_options": {"intra_op_num_threads": "2"}}, "key 'session_options.intra_op_num_threads': Input should be"),
+    ({"session_options": {"session.intra_op.allow_spinning": "yes"}},
+     "key 'session_options.session.intra_op.allow_spinning': Input should be '0' or '1'"),
+    ({"session_options": {}, "provider_options": {"cuda": {}}}, "key 'provider_options': unknown key"),
+])
+def test_a_profile_outside_the_whitelist_is_refused(art, profile, key):
+    (art / "device_profile.json").write_text(json.dumps(profile))
+    for cmd in (["validate", art],):
+        r = device(*cmd)
+        assert r.returncode == 2, (cmd, r.stderr)
+        assert f"{art / 'device_profile.json'}: {key}" in r.stderr and "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "toolchain tune" in r.stderr
+
+
+def test_a_profile_from_another_host_is_applied_with_a_warning(art):
+    (art / "device_profile.json").write_text(json.dumps({
+        "session_options": {"intra_op_num_threads": 1}, "host": {"cpu": "Some Other CPU", "cores": 64}}))
+    r = device("validate", art, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["session"]["intra_op_num_threads"]["value"] == 1
+    assert "warning: device_profile.json was tuned on Some Other CPU with 64 cores" in r.stderr

@@ -19,7 +19,7 @@ def cli():
 
 
 for _cmd in (catalog.models, catalog.recipes, catalog.targets, build.finetune, build.merge, build.edge, device.validate,
-             build.export, build.quantize, catalog.scenarios):
+             build.export, build.quantize, catalog.scenarios, device.tune):
     cli.add_command(_cmd)
 
 

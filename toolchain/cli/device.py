@@ -1,4 +1,4 @@
-"""The device commands (torch-free, in the `runtime` extra): validate."""
+"""The device commands (torch-free, in the `runtime` extra): validate, tune."""
 from __future__ import annotations
 
 import json
@@ -32,6 +32,8 @@ def validate(artifact, data, as_json, lookup, threads):
                   progress=lambda i, n: status.update(f"held-out generation {i}/{n}"), lookup=lookup,
                   threads=threads)
     (Path(artifact) / "report.json").write_text(json.dumps(rep, indent=2))
+    for w in session.warnings(rep.get("session") or {}):
+        err_console.print(f"warning: {w}")
     if as_json:
         click.echo(json.dumps(rep, indent=2))
     elif rep.get("validated", True):
@@ -56,3 +58,51 @@ def validate(artifact, data, as_json, lookup, threads):
     gates_exit(rep, err_console if as_json else console)
 
 
+
+
+def _int_list(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        out = sorted({int(x) for x in value.split(",") if x.strip()})
+    except ValueError:
+        raise click.BadParameter(f"'{value}': expected comma-separated thread counts, e.g. 1,2") from None
+    if not out or out[0] < 1:
+        raise click.BadParameter(f"'{value}': thread counts are 1 or more, e.g. 1,2")
+    return out
+
+
+def _spin_list(ctx, param, value):
+    out = sorted({x.strip() for x in value.split(",") if x.strip()})
+    if not out or set(out) - {"0", "1"}:
+        raise click.BadParameter(f"'{value}': expected 0 (threads sleep when idle), 1 (they spin) or 0,1")
+    return out
+
+
+@click.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--threads", callback=_int_list, default=None, metavar="N[,N...]",
+              help="Intra-op thread counts to try (default: 1, powers of two, and every usable core).")
+@click.option("--spinning", callback=_spin_list, default="0,1", show_default=True, metavar="0,1",
+              help="Intra-op spinning settings to try: 0 threads sleep when idle, 1 they spin.")
+@click.option("--runs", type=click.IntRange(min=1), default=5, show_default=True, help="Timed runs per setting.")
+@click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON.")
+def tune(artifact, threads, spinning, runs, as_json):
+    """Measure decode and prefill tok/s for each session setting on this device; write the fastest decode's
+    settings to ARTIFACT/device_profile.json, which validate, chat and generate then apply."""
+    from toolchain.runtime.session import SPINNING, THREADS
+    from toolchain.runtime.tune import default_threads, tune as run
+
+    prof = run(Path(artifact), threads or default_threads(), spinning, runs=runs,
+               progress=lambda what: err_console.print(f"[dim]tune: {what}[/dim]"))
+    if as_json:
+        click.echo(json.dumps(prof, indent=2))
+        return
+    best = prof["session_options"]
+    for m in prof["measured"]:
+        pick = m[THREADS] == best[THREADS] and m[SPINNING] == best[SPINNING]
+        console.print(f"  {m[THREADS]:3d} thread(s)  spinning {m[SPINNING]}  decode {m['decode_tok_s_p50']:8.1f} tok/s  "
+                      f"prefill {m['prefill_tok_s']:9.1f} tok/s  TTFT p50 {m['ttft_ms_p50']:7.1f} ms"
+                      + ("  [green]PICK[/green]" if pick else ""))
+    console.print(f"[bold]{Path(artifact) / 'device_profile.json'}[/bold]: {best[THREADS]} thread(s), spinning "
+                  f"{best[SPINNING]}  (host: {host.one_line(prof['host'])})")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 
 class _Strict(BaseModel):
@@ -81,3 +81,28 @@ class Report(_Strict):
     def out(self) -> dict:
         """The report as JSON-ready data (unset optional fields left out)."""
         return self.model_dump(exclude_none=True)
+
+
+class SessionOptions(_Strict):
+    """device_profile.json's session_options: the only settings a profile may change, with sane values. The keys
+    are onnxruntime-genai's (the second is an ONNX Runtime session config entry, a string)."""
+
+    intra_op_num_threads: Optional[StrictInt] = Field(None, ge=1, le=1024)
+    allow_spinning: Optional[Literal["0", "1"]] = Field(None, alias="session.intra_op.allow_spinning")
+
+    def out(self) -> dict:
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
+class DeviceProfile(_Strict):
+    """device_profile.json, written by `toolchain tune` into an artifact: the session settings that decoded fastest
+    on that device, what was measured, and on which host. Not in the manifest's hashes (it is per device); read
+    strictly instead."""
+
+    session_options: SessionOptions
+    measured: list[dict[str, Any]] = Field(default_factory=list)
+    host: dict[str, Any] = Field(default_factory=dict)
+    created: str = ""
+
+    def out(self) -> dict:
+        return {**self.model_dump(exclude={"session_options"}), "session_options": self.session_options.out()}

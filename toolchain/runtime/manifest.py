@@ -9,8 +9,9 @@ from toolchain.runtime.fsutil import sha256_file
 
 MANIFEST = "manifest.json"
 EVAL_FILE = "eval.jsonl"  # the held-out split every artifact ships, tokenized (decoders) or as rows (encoders)
-# Written after packaging (by validate): not covered by the hashes.
-OUTPUTS = {MANIFEST, "report.json", "report.md", "report.png"}
+PROFILE = "device_profile.json"  # `toolchain tune`'s session settings for one device; read strictly (runtime/session.py)
+# Written after packaging (by validate and tune): not covered by the hashes.
+OUTPUTS = {MANIFEST, "report.json", "report.md", "report.png", PROFILE}
 
 
 def file_hashes(folder: Path) -> dict[str, str]:

@@ -94,7 +94,8 @@ def accuracy(model, tok, rows: list[dict], metric: str, max_new_tokens: int, pro
     return out, generated
 
 
-def _rows(folder: Path, data: Optional[Path], tok) -> list[dict]:
+def eval_rows(folder: Path, data: Optional[Path], tok) -> list[dict]:
+    """The rows to score: the shipped eval.jsonl (tokenized at packaging), or the user's file tokenized here."""
     from toolchain.runtime.devicedata import tokenize_rows
 
     if data is None:
@@ -142,7 +143,7 @@ def validate(folder: Path, data: Optional[Path] = None, progress=None, lookup: i
         return Report(**base, metric=man["recipe"]["metric"]["name"], validated=False, status="not_validated",
                       reason=note, measured={"size_mb": _size_mb(folder, man)}, passed=False).out()
     model, tok = genai.load(folder, provider, target.get("provider_options") if provider != "cpu" else None, settings)
-    rows = _rows(folder, data, tok)
+    rows = eval_rows(folder, data, tok)
     rec = man["recipe"]
     t0 = time.time()
     lat = latency(model, rows[0].get("prompt_ids") or rows[0]["input_ids"], lookup=lookup,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -127,7 +128,7 @@ def test_a_tuned_artifact_still_fails_on_a_tampered_weight(art, weight):
 ])
 def test_a_profile_outside_the_whitelist_is_refused(art, profile, key):
     (art / "device_profile.json").write_text(json.dumps(profile))
-    for cmd in (["validate", art],):
+    for cmd in (["validate", art], ["generate", art, "-p", "hi"], ["chat", art, "-p", "hi"]):
         r = device(*cmd)
         assert r.returncode == 2, (cmd, r.stderr)
         assert f"{art / 'device_profile.json'}: {key}" in r.stderr and "Traceback" not in r.stderr
@@ -141,3 +142,104 @@ def test_a_profile_from_another_host_is_applied_with_a_warning(art):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["session"]["intra_op_num_threads"]["value"] == 1
     assert "warning: device_profile.json was tuned on Some Other CPU with 64 cores" in r.stderr
+
+
+def _tail_free(text: str) -> str:
+    """The text without a trailing half character: a byte-level token cut off at max_new_tokens decodes to U+FFFD
+    in one decode of all the tokens, and is held back by the streaming decoder."""
+    return text.rstrip("\n").rstrip("\ufffd")
+
+
+def test_generate_prints_the_completion_and_json(art):
+    r = device("generate", art, "-p", "Book 2 seats in Oslo for 3 May.", "--max-new-tokens", 12, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out) == {"text", "tokens", "prompt_tokens", "new_tokens", "ttft_ms", "decode_tok_s", "stopped"}
+    assert isinstance(out["text"], str) and all(isinstance(t, int) for t in out["tokens"])
+    assert out["new_tokens"] == len(out["tokens"]) <= 12 and out["stopped"] in ("eos", "length")
+    assert (out["stopped"] == "length") == (out["new_tokens"] == 12)
+    assert isinstance(out["prompt_tokens"], int) and out["ttft_ms"] > 0
+    assert out["decode_tok_s"] is None or out["decode_tok_s"] > 0
+    r = device("generate", art, "-p", "Book 2 seats in Oslo for 3 May.", "--max-new-tokens", 12)
+    assert r.returncode == 0 and _tail_free(r.stdout) == _tail_free(out["text"])
+    raw = json.loads(device("generate", art, "-p", "Book 2 seats in Oslo for 3 May.", "--raw", "--json").stdout)
+    templated = json.loads(device("generate", art, "-p", "Book 2 seats in Oslo for 3 May.", "--system", "Be brief.",
+                                  "--json").stdout)
+    assert raw["prompt_tokens"] < out["prompt_tokens"] < templated["prompt_tokens"]  # template, then a system turn
+    r = device("generate", art, "-p", "x", "--raw", "--system", "Be brief.")
+    assert r.returncode == 2 and "--raw" in r.stderr
+
+
+def test_chat_one_shot_streams_what_generate_prints(art):
+    r = device("chat", art, "-p", "hello", "--max-new-tokens", 16)
+    assert r.returncode == 0, r.stderr
+    g = device("generate", art, "-p", "hello", "--max-new-tokens", 16)
+    assert _tail_free(r.stdout) == _tail_free(g.stdout)
+    assert re.search(r"^\[\d+ tokens, ([\d.]+|-) tok/s\]$", r.stderr.strip(), re.M)
+
+
+def test_chat_reads_turns_from_piped_stdin(art):
+    """Each line a turn of one conversation; /reset forgets it, so the same first question gets the same answer."""
+    r = device("chat", art, "--max-new-tokens", 8, stdin="hello\n/reset\nhello\n/exit\nnever asked\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count(" tokens, ") == 2 and "(conversation cleared)" in r.stderr
+    half = len(r.stdout) // 2
+    assert r.stdout[:half] == r.stdout[half:] and r.stdout.endswith("\n")
+
+
+def test_chat_keeps_the_conversation_until_reset(artifact):
+    from toolchain.runtime.chat import Chat
+
+    c = Chat(artifact, system="Be brief.")
+    first = c.ask("hello", 4)
+    second = c.ask("hello", 4)
+    assert second.prompt_tokens > first.prompt_tokens + 4 and [m["role"] for m in c.messages] == [
+        "system", "user", "assistant", "user", "assistant"]
+    c.reset()
+    again = c.ask("hello", 4)
+    assert again.prompt_tokens == first.prompt_tokens and again.tokens == first.tokens
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+def test_chat_interactive_on_a_terminal(art):
+    """Through a pty, as a person types: a prompt, an answer with its stats, /reset, another turn, Ctrl-D."""
+    import select
+
+    master, slave = os.openpty()
+    code = BLOCK_TORCH + "import sys; from toolchain.cli import main; sys.argv = ['toolchain', *sys.argv[1:]]; main()"
+    p = subprocess.Popen([sys.executable, "-c", code, "chat", str(art), "--max-new-tokens", "6"], stdin=slave,
+                         stdout=slave, stderr=slave, cwd=REPO, close_fds=True)
+    os.close(slave)
+    log, pending = b"", b""
+
+    def until(marker: bytes, timeout: float = 120) -> None:
+        """Read the terminal until `marker`, and consume up to it (a later wait needs a later occurrence)."""
+        nonlocal log, pending
+        import time
+
+        end = time.time() + timeout
+        while marker not in pending:
+            assert time.time() < end and p.poll() is None, log.decode(errors="replace")
+            if select.select([master], [], [], 1)[0]:
+                chunk = os.read(master, 4096)
+                log, pending = log + chunk, pending + chunk
+        pending = pending[pending.index(marker) + len(marker):]
+
+    try:
+        until(b"> ")
+        os.write(master, b"hello\n")
+        until(b" tokens, ")
+        until(b"> ")
+        os.write(master, b"/reset\n")
+        until(b"(conversation cleared)")
+        until(b"> ")
+        os.write(master, b"hello again\n")
+        until(b" tokens, ")
+        until(b"> ")
+        os.write(master, b"\x04")  # Ctrl-D at the prompt ends the session
+        assert p.wait(timeout=60) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+        os.close(master)
+    assert b"Traceback" not in log and log.count(b" tokens, ") == 2

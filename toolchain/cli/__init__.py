@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from toolchain.cli import build, catalog, device
+from toolchain.cli import build, catalog, chat, device
 from toolchain.runtime.errors import ToolchainError
 
 
@@ -19,7 +19,7 @@ def cli():
 
 
 for _cmd in (catalog.models, catalog.recipes, catalog.targets, build.finetune, build.merge, build.edge, device.validate,
-             build.export, build.quantize, catalog.scenarios, device.tune):
+             build.export, build.quantize, catalog.scenarios, device.tune, chat.chat, chat.generate):
     cli.add_command(_cmd)
 
 

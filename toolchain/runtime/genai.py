@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -57,12 +57,13 @@ class Generation:
 
 
 def generate(model, prompt_ids: list[int], max_new_tokens: int, force_length: bool = False, lookup: int = 0,
-             eos: tuple[int, ...] = ()) -> Generation:
+             eos: tuple[int, ...] = (), on_token: Optional[Callable[[int], None]] = None) -> Generation:
     """Greedy decoding. force_length keeps going past end-of-sequence, for timing a fixed number of tokens.
     lookup > 0: prompt-lookup decoding (runtime/lookup.py), with drafts of up to `lookup` tokens. Its tokens are
     greedy's, except at near-ties in a quantized model: its int8-activation MatMulNBits kernels give a position
     slightly different logits in a multi-token pass than in a one-token pass. `eos`: the end-of-sequence ids
-    (eos_ids(tok)), needed with lookup."""
+    (eos_ids(tok)), needed with lookup. on_token: called with each new token as it is chosen (plain loop only;
+    the timings include it, as a streaming caller sees them)."""
     if lookup > 0:
         return _generate_lookup(model, prompt_ids, max_new_tokens, force_length, lookup, tuple(eos))
     import onnxruntime_genai as og
@@ -80,6 +81,8 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, force_length: bo
         out.append(int(gen.get_next_tokens()[0]))
         if t_first is None:
             t_first = time.perf_counter()
+        if on_token:
+            on_token(out[-1])
     end = time.perf_counter()
     return Generation(out, len(prompt_ids), (t_first or end) - t0, end - (t_first or end), max(len(out) - 1, 0))
 

@@ -17,14 +17,21 @@ from test_runtime_torch_free import BLOCK_TORCH
 
 
 @pytest.fixture(scope="module")
-def artifact(tiny_phi3, tmp_path_factory) -> Path:
-    """A tiny Phi-3 cpu-int4 artifact (about a minute to build), shared; tests copy it before changing anything."""
+def built(tiny_phi3, tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny Phi-3 edge run to cpu-int4 (about a minute): (its recipe file, the artifact). Shared; tests copy the
+    artifact before changing anything."""
     from conftest import tiny_recipe_file
     from toolchain import pipeline
 
     root = tmp_path_factory.mktemp("device")
-    rep = pipeline.edge(str(tiny_phi3), str(tiny_recipe_file(root, gates={})), target="cpu-int4", out=root / "artifacts")
-    return Path(rep["headline"]["artifact"])
+    rec = tiny_recipe_file(root, gates={})
+    rep = pipeline.edge(str(tiny_phi3), str(rec), target="cpu-int4", out=root / "artifacts")
+    return rec, Path(rep["headline"]["artifact"])
+
+
+@pytest.fixture(scope="module")
+def artifact(built) -> Path:
+    return built[1]
 
 
 @pytest.fixture
@@ -243,3 +250,34 @@ def test_chat_interactive_on_a_terminal(art):
             p.kill()
         os.close(master)
     assert b"Traceback" not in log and log.count(b" tokens, ") == 2
+
+
+def test_validate_piped_shows_progress_lines_and_quiet_shows_none(art):
+    r = device("validate", art)
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    assert "validate: checking every file against the manifest's sha256" in lines
+    assert "validate: held-out generation 8/8" in lines and all(x.startswith("validate: ") for x in lines)
+    assert not any("\r" in x or "\x1b" in x for x in lines)  # no spinner frames
+    q = device("-q", "validate", art)
+    assert q.returncode == 0 and q.stderr == "" and q.stdout.startswith("cpu-int4 on cpu: decode ")
+    host_line = next(x for x in q.stdout.splitlines() if x.startswith("  host: "))
+    assert len(host_line) > 80 and "session: " in host_line and host_line.endswith(")")  # one line, not wrapped
+
+
+def test_edge_and_scenarios_print_json(built, tiny_phi3):
+    """`toolchain edge --json`, every stage reused: the report with its headline, as numbers and booleans."""
+    rec, art = built
+    r = subprocess.run([sys.executable, "-m", "toolchain", "-q", "edge", "--model", str(tiny_phi3), "--recipe", str(rec),
+                        "--out", str(art.parent.parent), "--json"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    h = rep["headline"]
+    assert rep["passed"] is True and h["artifact"] == str(art) and isinstance(h["decode_tok_s"], float)
+    assert all(h["stages_reused"].values()) and isinstance(rep["session"]["intra_op_num_threads"]["value"], int)
+    assert "NaN" not in r.stdout
+    r = device("scenarios", "--out", art.parent.parent, "--json")
+    assert r.returncode == 0, r.stderr
+    [row] = json.loads(r.stdout)
+    assert (row["target"], row["metric"], row["passed"]) == ("cpu-int4", "exact_match", True)
+    assert isinstance(row["speed"], float) and row["speed_unit"] == "decode tok/s p50"

@@ -121,27 +121,43 @@ def write_reports(artifact: Path, rep: dict) -> None:
         plot(siblings, artifact / "report.png", _metric(rep) or "perplexity")
 
 
-def scenario_table(out: Path) -> str:
-    """The README's scenario table from every artifact under `out` (the report.json that validate wrote):
-    base torch / tuned torch / fp32 ONNX / artifact for each recipe's headline metric, and the gates."""
+def scenario_rows(out: Path) -> list[dict]:
+    """One row per artifact under `out` (the report.json that validate wrote): base torch / tuned torch / fp32 ONNX /
+    artifact for the recipe's headline metric, the speed, and the gates (numbers, None where not measured)."""
     from toolchain.runtime.metrics import LOWER_IS_BETTER
 
-    lines = ["| recipe | model | target | metric | base torch | tuned torch | fp32 ONNX | artifact | artifact / tuned | "
-             "speed | gates |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = []
     for p in sorted(Path(out).glob("*/*/report.json")):
         rep = json.loads(p.read_text())
         man = json.loads((p.parent / "manifest.json").read_text())
         metric, ref, m = rep.get("metric", "exact_match"), rep["reference"], rep["measured"]
         base, tuned = ref.get("torch_base", {}).get(metric), ref.get("torch_tuned", {}).get(metric)
-        fp32, art = ref.get("onnx_fp32", {}).get(metric), m.get(metric)
-        better = (tuned < base) if metric in LOWER_IS_BETTER else (tuned > base)
-        speed = (f"{m['latency_ms_p50']:.1f} ms/seq p50" if rep.get("kind") == "encoder"
-                 else f"{m['decode_tok_s_p50']:.0f} tok/s")
-        gates = "pass" if rep["passed"] else "MISS " + ", ".join(g["gate"] for g in rep["gates"] if not g["passed"])
-        ratio = art / tuned if isinstance(art, (int, float)) and tuned else None
-        lines.append(f"| {man['recipe']['name']} | {man['model_card']['name']} | {rep['target']} | {metric} | "
-                     f"{_fmt(base)} | {_fmt(tuned)}{'' if better else ' (not better)'} | {_fmt(fp32)} | {_fmt(art)} | "
-                     f"{_fmt(ratio)} | {speed} | {gates} |")
+        art = m.get(metric)
+        encoder = rep.get("kind") == "encoder"
+        rows.append({"recipe": man["recipe"]["name"], "model": man["model_card"]["name"], "target": rep["target"],
+                     "metric": metric, "base_torch": base, "tuned_torch": tuned,
+                     "tuned_better": None if base is None or tuned is None else
+                     (tuned < base) if metric in LOWER_IS_BETTER else (tuned > base),
+                     "onnx_fp32": ref.get("onnx_fp32", {}).get(metric), "artifact": art,
+                     "artifact_over_tuned": art / tuned if isinstance(art, (int, float)) and tuned else None,
+                     "speed": m.get("latency_ms_p50") if encoder else m.get("decode_tok_s_p50"),
+                     "speed_unit": "ms/seq p50" if encoder else "decode tok/s p50", "status": rep.get("status"),
+                     "passed": rep.get("passed"), "missed": [g["gate"] for g in rep["gates"] if not g["passed"]]})
+    return rows
+
+
+def scenario_table(rows: list[dict]) -> str:
+    """The README's scenario table from scenario_rows."""
+    lines = ["| recipe | model | target | metric | base torch | tuned torch | fp32 ONNX | artifact | artifact / tuned | "
+             "speed | gates |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        speed = (f"{_fmt(r['speed'], '.1f')} ms/seq p50" if r["speed_unit"].startswith("ms")
+                 else f"{_fmt(r['speed'], '.0f')} tok/s")
+        gates = "pass" if r["passed"] else "MISS " + ", ".join(r["missed"])
+        lines.append(f"| {r['recipe']} | {r['model']} | {r['target']} | {r['metric']} | {_fmt(r['base_torch'])} | "
+                     f"{_fmt(r['tuned_torch'])}{'' if r['tuned_better'] is not False else ' (not better)'} | "
+                     f"{_fmt(r['onnx_fp32'])} | {_fmt(r['artifact'])} | {_fmt(r['artifact_over_tuned'])} | {speed} | "
+                     f"{gates} |")
     return "\n".join(lines)
 
 

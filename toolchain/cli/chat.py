@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from toolchain.cli.common import err_console
+from toolchain.cli.common import detail, err_console, note
 from toolchain.runtime.errors import ToolchainError
 
 artifact_arg = click.argument("artifact", type=click.Path())
@@ -29,11 +29,12 @@ def _say(text: str) -> None:
 
 
 def _open(artifact, system, threads, raw=False):
+    from toolchain.runtime import host, session
     from toolchain.runtime.chat import Chat
-    from toolchain.runtime.session import warnings
 
     c = Chat(Path(artifact), system=system, threads=threads, raw=raw)
-    for w in warnings(c.settings):
+    detail(f"{artifact}: {session.one_line(c.settings)}; host {host.one_line(host.describe(session.threads(c.settings)))}")
+    for w in session.warnings(c.settings):
         err_console.print(f"warning: {w}")
     return c
 
@@ -71,7 +72,7 @@ def chat(artifact, system, prompt, lookup, max_new_tokens, threads):
             import readline  # noqa: F401  line editing and history for input(), where the platform has it
         except ImportError:
             pass
-        click.echo(f"{artifact}: /reset forgets the conversation, /exit or Ctrl-D ends it", err=True)
+        note(f"{artifact}: /reset forgets the conversation, /exit or Ctrl-D ends it")
     while True:
         if tty:
             try:
@@ -88,7 +89,7 @@ def chat(artifact, system, prompt, lookup, max_new_tokens, threads):
             break
         if line == "/reset":
             c.reset()
-            click.echo("(conversation cleared)", err=True)
+            note("(conversation cleared)")
         elif line:
             try:
                 turn(line)
@@ -98,7 +99,7 @@ def chat(artifact, system, prompt, lookup, max_new_tokens, threads):
                 if not tty:
                     raise
                 _say("\n")
-                click.echo("(answer interrupted)", err=True)
+                note("(answer interrupted)")
 
 
 @click.command(epilog="""\b

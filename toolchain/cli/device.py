@@ -1,16 +1,19 @@
 """The device commands (torch-free, in the `runtime` extra): validate, tune."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
-from toolchain.cli.common import console, err_console, gates_exit
+from toolchain.cli.common import console, detail, err_console, gates_exit, progress, to_json
 from toolchain.runtime import host, session
 
 
-@click.command()
+@click.command(epilog="""\b
+Examples:
+  toolchain validate artifacts/smollm2-135m-chat-lora/cpu-int4
+  toolchain validate cpu-int4/ --threads 1 --lookup 3
+  toolchain validate cpu-int4/ --data my_eval.jsonl --json""")
 @click.argument("artifact", type=click.Path())
 @click.option("--data", type=click.Path(), default=None, help="Score this JSONL instead of the shipped eval split.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -27,15 +30,15 @@ def validate(artifact, data, as_json, lookup, threads):
     from toolchain.runtime.metrics import FAMILIES
     from toolchain.runtime.validate import validate as run
 
-    with err_console.status("validating (latency runs, then held-out accuracy)") as status:
-        rep = run(Path(artifact), Path(data) if data else None,
-                  progress=lambda i, n: status.update(f"held-out generation {i}/{n}"), lookup=lookup,
-                  threads=threads)
-    (Path(artifact) / "report.json").write_text(json.dumps(rep, indent=2))
+    with progress("validate") as (say, count):
+        rep = run(Path(artifact), Path(data) if data else None, progress=lambda i, n: count("held-out generation", i, n),
+                  lookup=lookup, threads=threads, stage=say)
+    (Path(artifact) / "report.json").write_text(to_json(rep))
+    detail(f"validate: wrote {Path(artifact) / 'report.json'}")
     for w in session.warnings(rep.get("session") or {}):
         err_console.print(f"warning: {w}")
     if as_json:
-        click.echo(json.dumps(rep, indent=2))
+        click.echo(to_json(rep))
     elif rep.get("validated", True):
         m = rep["measured"]
         if rep.get("kind") == "encoder":
@@ -79,7 +82,11 @@ def _spin_list(ctx, param, value):
     return out
 
 
-@click.command()
+@click.command(epilog="""\b
+Examples:
+  toolchain tune cpu-int4/                        1, powers of two and every core; spinning 0 and 1
+  toolchain tune cpu-int4/ --threads 1,2 --spinning 1 --runs 3
+  toolchain tune cpu-int4/ --json | jq .session_options""")
 @click.argument("artifact", type=click.Path())
 @click.option("--threads", callback=_int_list, default=None, metavar="N[,N...]",
               help="Intra-op thread counts to try (default: 1, powers of two, and every usable core).")
@@ -93,10 +100,10 @@ def tune(artifact, threads, spinning, runs, as_json):
     from toolchain.runtime.session import SPINNING, THREADS
     from toolchain.runtime.tune import default_threads, tune as run
 
-    prof = run(Path(artifact), threads or default_threads(), spinning, runs=runs,
-               progress=lambda what: err_console.print(f"[dim]tune: {what}[/dim]"))
+    with progress("tune") as (say, _):
+        prof = run(Path(artifact), threads or default_threads(), spinning, runs=runs, progress=say)
     if as_json:
-        click.echo(json.dumps(prof, indent=2))
+        click.echo(to_json(prof))
         return
     best = prof["session_options"]
     for m in prof["measured"]:

@@ -121,13 +121,15 @@ def _size_mb(folder: Path, man: dict) -> float:
 
 
 def validate(folder: Path, data: Optional[Path] = None, progress=None, lookup: int = 0,
-             threads: Optional[int] = None) -> dict:
+             threads: Optional[int] = None, stage=None) -> dict:
     """The report. status: "passed", "gates_missed", or "not_validated" (EP missing here: never a pass).
     lookup > 0: the task's answers are generated with prompt-lookup decoding (drafts of up to `lookup` tokens), and
     the latency block adds its speed beside plain greedy's, which the gates keep reading. threads: intra-op threads
     for this run (default: runtime/session.resolve's); the report's `session` says what ran and why, `host` the
-    thread count."""
+    thread count. progress(i, n): after each generated answer; stage(what): as each stage starts."""
     folder = Path(folder)
+    say = stage or (lambda what: None)
+    say("checking every file against the manifest's sha256")
     man = manifest.verify(folder)
     if man.get("model_card", {}).get("kind") == "encoder":  # ONNX + tokenizers, no GenAI folder
         from toolchain.runtime.encoder import validate as validate_encoder
@@ -142,12 +144,15 @@ def validate(folder: Path, data: Optional[Path] = None, progress=None, lookup: i
     if provider is None:
         return Report(**base, metric=man["recipe"]["metric"]["name"], validated=False, status="not_validated",
                       reason=note, measured={"size_mb": _size_mb(folder, man)}, passed=False).out()
+    say(f"loading on {provider}: {session.one_line(settings)}")
     model, tok = genai.load(folder, provider, target.get("provider_options") if provider != "cpu" else None, settings)
     rows = eval_rows(folder, data, tok)
     rec = man["recipe"]
     t0 = time.time()
+    say("latency: a warm-up, then 5 greedy runs of 64 new tokens" + (f", also with lookup {lookup}" if lookup else ""))
     lat = latency(model, rows[0].get("prompt_ids") or rows[0]["input_ids"], lookup=lookup,
                   eos=genai.eos_ids(tok))
+    say(f"accuracy: perplexity over {len(rows)} rows, then {rec['metric']['name']} by greedy generation")
     acc, _ = accuracy(model, tok, rows, rec["metric"]["name"], rec["metric"]["max_new_tokens"], progress, lookup)
     measured = {**lat, **acc, "size_mb": _size_mb(folder, man),
                 "peak_rss_mb": peak_rss_mb()}

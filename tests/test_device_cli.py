@@ -42,9 +42,11 @@ def art(artifact, tmp_path) -> Path:
     return out
 
 
-def device(*args, stdin=None, cwd=REPO) -> subprocess.CompletedProcess:
-    """`toolchain ARGS` with torch, transformers and peft unimportable."""
-    code = BLOCK_TORCH + "import sys; from toolchain.cli import main; sys.argv = ['toolchain', *sys.argv[1:]]; main()"
+def device(*args, stdin=None, cwd=REPO, block_matplotlib=False) -> subprocess.CompletedProcess:
+    """`toolchain ARGS` with torch, transformers and peft unimportable (and matplotlib, when asked)."""
+    block = BLOCK_TORCH.replace("'accelerate')", "'accelerate', 'matplotlib')") if block_matplotlib else BLOCK_TORCH
+    assert "matplotlib" in block or not block_matplotlib
+    code = block + "import sys; from toolchain.cli import main; sys.argv = ['toolchain', *sys.argv[1:]]; main()"
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, cwd=cwd,
                           input=stdin)
 
@@ -281,3 +283,38 @@ def test_edge_and_scenarios_print_json(built, tiny_phi3):
     [row] = json.loads(r.stdout)
     assert (row["target"], row["metric"], row["passed"]) == ("cpu-int4", "exact_match", True)
     assert isinstance(row["speed"], float) and row["speed_unit"] == "decode tok/s p50"
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_validate_with_data_scores_and_writes_nothing_into_the_artifact(art, tmp_path):
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join((REPO / "recipes/data/chat-lora/eval.jsonl").read_text().splitlines(True)[:3]))
+    before = _files(art)
+    r = device("validate", art, "--data", data)
+    assert r.returncode == 0, r.stderr
+    assert f"scored, no gates ({data})" in r.stdout and "gate" not in r.stderr
+    r = device("validate", art, "--data", data, "--json", "--report-out", tmp_path / "out" / "mine.json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["status"] == "scored" and "passed" not in rep and rep["gates"] == [] and rep["data"] == str(data)
+    assert json.loads((tmp_path / "out" / "mine.json").read_text()) == rep
+    assert _files(art) == before  # the packaged report.json, report.md and report.png are the build's
+
+
+@pytest.mark.parametrize("matplotlib", [True, False])
+def test_plain_validate_rewrites_report_json_and_md_and_png_where_it_can(art, matplotlib):
+    for name in ("report.json", "report.md", "report.png"):
+        (art / name).write_bytes(b"stale")
+    r = device("validate", art, block_matplotlib=not matplotlib)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((art / "report.json").read_text())["status"] == "passed"
+    md = (art / "report.md").read_text()
+    assert md.startswith("# cpu-int4") and "Host: " in md and "Session: " in md
+    if matplotlib:
+        assert (art / "report.png").read_bytes().startswith(b"\x89PNG") and "![targets](report.png)" in md
+    else:  # no plot on this device: no stale one left behind, and no link to one
+        assert not (art / "report.png").exists() and "report.png" not in md
+    assert device("-q", "validate", art, "--json").returncode == 0  # the manifest still holds

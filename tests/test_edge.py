@@ -157,4 +157,5 @@ def test_validate_with_own_data_tokenizes_on_device(tiny_run, tmp_path):
     data.write_text("\n".join(lines) + "\n")
     out = validate(Path(rep["headline"]["artifact"]), data)
     assert out["data"] == str(data) and out["gates"] == [] and out["measured"]["eval_examples"] == 3
+    assert out["status"] == "scored" and "passed" not in out  # no gates: neither passed nor missed
     assert out["measured"]["perplexity"] > 1 and "token_agreement_fp32" not in out["measured"]

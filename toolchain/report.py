@@ -42,7 +42,8 @@ def _metric(rep: dict):
     return None if name == "perplexity" or name not in rep["measured"] else name
 
 
-def markdown(rep: dict, siblings: dict[str, dict]) -> str:
+def markdown(rep: dict, siblings: dict[str, dict], figure: bool = True) -> str:
+    """report.md; figure: it links report.png."""
     if rep.get("kind") == "encoder":
         return markdown_encoder(rep)
     if not rep.get("validated", True):
@@ -72,7 +73,7 @@ def markdown(rep: dict, siblings: dict[str, dict]) -> str:
     lines += ["", "## Gates", ""] + [f"- {'PASS' if g['passed'] else 'MISS'} `{g['gate']}`: {_fmt(g['value'])} "
                                      f"(limit {g['limit']})" for g in rep["gates"]] + (["- none set"] if not rep["gates"] else [])
     lines += [""] + _siblings(siblings, metric)
-    return "\n".join(lines + ["", "![targets](report.png)", ""])
+    return "\n".join(lines + (["", "![targets](report.png)", ""] if figure else [""]))
 
 
 def markdown_encoder(rep: dict) -> str:
@@ -112,13 +113,38 @@ def plot(siblings: dict[str, dict], path: Path, metric: str = "exact_match") -> 
     plt.close(fig)
 
 
+def _siblings_of(artifact: Path, rep: dict) -> dict[str, dict]:
+    """The reports of the artifacts beside this one (other targets of the same run), and this one's own. A folder
+    beside it that is not an artifact, or whose report does not read, is left out: on a device, the parent folder
+    is wherever the user copied the artifact."""
+    out = {}
+    for p in artifact.parent.glob("*/report.json"):
+        if p.parent != artifact and (p.parent / "manifest.json").is_file():
+            try:
+                r = json.loads(p.read_text())
+            except ValueError:
+                continue
+            if isinstance(r, dict) and isinstance(r.get("measured"), dict):
+                out[p.parent.name] = r
+    return {**out, artifact.name: rep}
+
+
 def write_reports(artifact: Path, rep: dict) -> None:
-    """report.md and report.png beside the report.json that `toolchain validate` wrote."""
+    """report.md, and report.png where matplotlib is importable (a device may not have it: then a report.png left
+    from an earlier run is removed, since it would show other figures, and report.md does not link one)."""
     artifact = Path(artifact)
-    siblings = {p.parent.name: json.loads(p.read_text()) for p in artifact.parent.glob("*/report.json")}
-    (artifact / "report.md").write_text(markdown(rep, siblings))
-    if rep.get("kind") != "encoder":
-        plot(siblings, artifact / "report.png", _metric(rep) or "perplexity")
+    siblings = _siblings_of(artifact, rep)
+    png = artifact / "report.png"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        plotted = False
+        png.unlink(missing_ok=True)
+    else:
+        plotted = rep.get("kind") != "encoder"
+        if plotted:
+            plot(siblings, png, _metric(rep) or "perplexity")
+    (artifact / "report.md").write_text(markdown(rep, siblings, figure=plotted))
 
 
 def scenario_rows(out: Path) -> list[dict]:

@@ -154,6 +154,9 @@ def gates_exit(rep: dict, out: Console = console) -> None:
     if not rep["validated"]:
         click.echo(rep["reason"], err=True)
         sys.exit(NOT_VALIDATED_EXIT)
+    if rep.get("status") == "scored":
+        out.print(f"  scored, no gates ({rep.get('data')})")
+        return
     if rep.get("note"):
         out.print(f"  note: {rep['note']}" + "".join(f"; gate {g} not applied" for g in rep.get("gates_not_applicable", [])))
     for g in rep["gates"]:

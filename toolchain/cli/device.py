@@ -22,19 +22,35 @@ Examples:
                    "for SmolLM2 at one thread, bench/results/lookup-*.md); the report adds its speed beside "
                    "plain greedy's.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
-              help="Intra-op threads for this run (default: this host's usable cores).")
-def validate(artifact, data, as_json, lookup, threads):
-    """Check an artifact on this machine (torch-free): integrity, latency, accuracy, gates.
+              help="Intra-op threads for this run (default: device_profile.json, else this host's usable cores).")
+@click.option("--report-out", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+              help="Also write the report (JSON) here. With --data the only place it is written: the artifact's "
+                   "packaged reports stay as they are.")
+def validate(artifact, data, as_json, lookup, threads, report_out):
+    """Check an artifact on this machine (torch-free): integrity, latency, accuracy, gates; rewrite its report.json
+    and report.md (report.png where matplotlib is installed).
 
-    Exit 0: gates passed; 1: a gate missed; 2: bad input; 3: built, not validated here (the EP is missing)."""
+    With --data: score your own JSONL with no gates (status "scored"), writing nothing into the artifact.
+    Exit 0: gates passed, or scored; 1: a gate missed; 2: bad input; 3: built, not validated here (the EP is
+    missing)."""
     from toolchain.runtime.metrics import FAMILIES
     from toolchain.runtime.validate import validate as run
 
     with progress("validate") as (say, count):
         rep = run(Path(artifact), Path(data) if data else None, progress=lambda i, n: count("held-out generation", i, n),
                   lookup=lookup, threads=threads, stage=say)
-    (Path(artifact) / "report.json").write_text(to_json(rep))
-    detail(f"validate: wrote {Path(artifact) / 'report.json'}")
+    written = [Path(report_out)] if report_out else []
+    if data is None:  # the packaged reports describe the shipped eval split: a --data run leaves them alone
+        from toolchain.report import write_reports
+
+        (Path(artifact) / "report.json").write_text(to_json(rep))
+        write_reports(Path(artifact), rep)
+        written.append(Path(artifact) / "report.json")
+    if report_out:
+        Path(report_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(report_out).write_text(to_json(rep))
+    for f in written:
+        detail(f"validate: wrote {f}")
     for w in session.warnings(rep.get("session") or {}):
         err_console.print(f"warning: {w}")
     if as_json:

@@ -47,9 +47,10 @@ class Report(_Strict):
     """report.json, what `toolchain validate` returns and `toolchain edge` prints; auto adds its choice."""
 
     target: str
-    status: Literal["passed", "gates_missed", "not_validated"]
+    # scored: `validate --data`, the user's own file measured with no gates, so neither passed nor missed
+    status: Literal["passed", "gates_missed", "not_validated", "scored"]
     validated: bool
-    passed: bool
+    passed: Optional[bool] = None  # absent when scored
     gates: list[Gate] = Field(default_factory=list)
     metric: Optional[str] = None
     artifact: Optional[str] = None

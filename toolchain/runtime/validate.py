@@ -22,7 +22,7 @@ from typing import Optional
 
 from toolchain.runtime import genai, host, manifest, metrics, session
 from toolchain.runtime.contracts import Report
-from toolchain.runtime.gates import check_gates, merge_gates
+from toolchain.runtime.gates import check_gates, merge_gates, status
 from toolchain.runtime.manifest import EVAL_FILE
 from toolchain.runtime.providers import ep_available
 from toolchain.runtime.memory import peak_rss_mb
@@ -122,7 +122,8 @@ def _size_mb(folder: Path, man: dict) -> float:
 
 def validate(folder: Path, data: Optional[Path] = None, progress=None, lookup: int = 0,
              threads: Optional[int] = None, stage=None) -> dict:
-    """The report. status: "passed", "gates_missed", or "not_validated" (EP missing here: never a pass).
+    """The report. status: "passed", "gates_missed", "not_validated" (EP missing here: never a pass), or with
+    `data` (the user's file, scored against no gates) "scored", with `passed` left out.
     lookup > 0: the task's answers are generated with prompt-lookup decoding (drafts of up to `lookup` tokens), and
     the latency block adds its speed beside plain greedy's, which the gates keep reading. threads: intra-op threads
     for this run (default: runtime/session.resolve's); the report's `session` says what ran and why, `host` the
@@ -162,9 +163,9 @@ def validate(folder: Path, data: Optional[Path] = None, progress=None, lookup: i
         not_applicable.append("min_decode_tok_s")
         gate_spec.pop("min_decode_tok_s")
     gates = check_gates(gate_spec, measured, base["reference"], rec["metric"]["name"]) if data is None else []
-    passed = all(g["passed"] for g in gates)
+    passed = all(g["passed"] for g in gates) if data is None else None
     return Report(**base, provider=provider, metric=rec["metric"]["name"], validated=True,
-                  status="passed" if passed else "gates_missed", data=str(data) if data else EVAL_FILE,
+                  status=status(passed), data=str(data) if data else EVAL_FILE,
                   measured=measured, gates=gates, passed=passed, seconds=round(time.time() - t0, 1),
                   decoding=f"greedy with prompt lookup (drafts of up to {lookup} tokens)" if lookup > 0 else None,
                   target_gates=target.get("gates") or None, note=note,

@@ -318,3 +318,14 @@ def test_plain_validate_rewrites_report_json_and_md_and_png_where_it_can(art, ma
     else:  # no plot on this device: no stale one left behind, and no link to one
         assert not (art / "report.png").exists() and "report.png" not in md
     assert device("-q", "validate", art, "--json").returncode == 0  # the manifest still holds
+
+
+def test_generate_without_a_chat_template_says_to_use_raw(art):
+    (art / "chat_template.jinja").unlink()
+    cfg = json.loads((art / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (art / "tokenizer_config.json").write_text(json.dumps(cfg))
+    r = device("-q", "generate", art, "-p", "hi")
+    assert r.returncode == 2 and "no usable chat template" in r.stderr and "--raw" in r.stderr
+    r = device("generate", art, "-p", "hi", "--raw", "--max-new-tokens", 4, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["new_tokens"] <= 4

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from toolchain.cli.common import table
+from toolchain.cli.common import table, to_json
 
 json_opt = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 
@@ -86,4 +86,4 @@ def scenarios(out, as_json):
     from toolchain.report import scenario_rows, scenario_table
 
     rows = scenario_rows(Path(out))
-    click.echo(json.dumps(rows, indent=2) if as_json else scenario_table(rows))
+    click.echo(to_json(rows) if as_json else scenario_table(rows))

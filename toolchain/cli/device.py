@@ -33,7 +33,6 @@ def validate(artifact, data, as_json, lookup, threads, report_out):
     With --data: score your own JSONL with no gates (status "scored"), writing nothing into the artifact.
     Exit 0: gates passed, or scored; 1: a gate missed; 2: bad input; 3: built, not validated here (the EP is
     missing)."""
-    from toolchain.runtime.metrics import FAMILIES
     from toolchain.runtime.validate import validate as run
 
     with progress("validate") as (say, count):
@@ -56,27 +55,35 @@ def validate(artifact, data, as_json, lookup, threads, report_out):
     if as_json:
         click.echo(to_json(rep))
     elif rep.get("validated", True):
-        m = rep["measured"]
-        if rep.get("kind") == "encoder":
-            console.print(f"[bold]{rep['target']}[/bold] (encoder): latency per sequence p50 {m['latency_ms_p50']:.2f} ms, "
-                          f"p95 {m['latency_ms_p95']:.2f} ms, peak RSS {m['peak_rss_mb']:.0f} MB, size {m['size_mb']:.1f} MB")
-            console.print("  " + ", ".join(f"{k} {m[k]:.3f}" for k in rep["figures"]))
-            return gates_exit(rep)
-        console.print(f"[bold]{rep['target']}[/bold] on {rep['provider']}: decode {m['decode_tok_s_p50']:.1f} tok/s, "
-                      f"TTFT p50 {m['ttft_ms_p50']:.0f} ms, prefill {m['prefill_tok_s']:.0f} tok/s, "
-                      f"peak RSS {m['peak_rss_mb']:.0f} MB, size {m['size_mb']:.1f} MB")
-        console.print(f"  host: {host.one_line(rep['host'])}; session: {session.one_line(rep['session'])}")
-        figs = ["exact_match", *FAMILIES.get(rep.get("metric"), []), "token_agreement_fp32"]
-        console.print(f"  perplexity {m['perplexity']:.3f}" + "".join(
-            f", {k} {m[k]:.3f}" for k in dict.fromkeys(figs) if k in m))
-        if "answers_decode_tok_s" in m:
-            console.print(f"  {rep.get('decoding', 'greedy')}: answers decoded at {m['answers_decode_tok_s']:.1f} tok/s"
-                          + (f"; on the latency prompt {m['lookup_decode_tok_s_p50']:.1f} tok/s, "
-                             f"{m['lookup_tokens_per_step']:.2f} tokens per forward pass"
-                             if "lookup_decode_tok_s_p50" in m else ""))
+        _summary(rep)
     gates_exit(rep, err_console if as_json else console)
 
 
+
+
+def _summary(rep: dict) -> None:
+    """validate's terminal lines: speed and size, the host and session, the task figures."""
+    from toolchain.runtime.metrics import FAMILIES
+
+    m = rep["measured"]
+    if rep.get("kind") == "encoder":
+        console.print(f"[bold]{rep['target']}[/bold] (encoder): latency per sequence p50 {m['latency_ms_p50']:.2f} ms, "
+                      f"p95 {m['latency_ms_p95']:.2f} ms, peak RSS {m['peak_rss_mb']:.0f} MB, size {m['size_mb']:.1f} MB")
+        console.print(f"  host: {host.one_line(rep['host'])}")
+        console.print("  " + ", ".join(f"{k} {m[k]:.3f}" for k in rep["figures"]))
+        return
+    console.print(f"[bold]{rep['target']}[/bold] on {rep['provider']}: decode {m['decode_tok_s_p50']:.1f} tok/s, "
+                  f"TTFT p50 {m['ttft_ms_p50']:.0f} ms, prefill {m['prefill_tok_s']:.0f} tok/s, "
+                  f"peak RSS {m['peak_rss_mb']:.0f} MB, size {m['size_mb']:.1f} MB")
+    console.print(f"  host: {host.one_line(rep['host'])}; session: {session.one_line(rep['session'])}")
+    figs = ["exact_match", *FAMILIES.get(rep.get("metric"), []), "token_agreement_fp32"]
+    console.print(f"  perplexity {m['perplexity']:.3f}" + "".join(
+        f", {k} {m[k]:.3f}" for k in dict.fromkeys(figs) if k in m))
+    if "answers_decode_tok_s" in m:
+        console.print(f"  {rep.get('decoding', 'greedy')}: answers decoded at {m['answers_decode_tok_s']:.1f} tok/s"
+                      + (f"; on the latency prompt {m['lookup_decode_tok_s_p50']:.1f} tok/s, "
+                         f"{m['lookup_tokens_per_step']:.2f} tokens per forward pass"
+                         if "lookup_decode_tok_s_p50" in m else ""))
 
 
 def _int_list(ctx, param, value):

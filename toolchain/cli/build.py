@@ -7,8 +7,10 @@ from pathlib import Path
 
 import click
 
-from toolchain.cli.common import (console, err_console, gates_exit, launch_opts, launch_spec, model_opt, path_opt,
-                                  print_scores, trust_opt)
+from toolchain.cli.common import (GATE_EXIT, console, err_console, gates_exit, launch_opts, launch_spec, model_opt,
+                                  path_opt, print_scores, to_json, trust_opt)
+
+json_opt = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (progress stays on stderr).")
 
 
 def data_opts(f):
@@ -26,7 +28,15 @@ def data_opts(f):
                              "rows; the stage keys hash it, so a changed file retrains.")(f)
 
 
-@click.command()
+def _json(obj) -> None:
+    click.echo(to_json(obj))
+
+
+@click.command(epilog="""\b
+Examples:
+  toolchain finetune --model smollm2-135m --recipe chat-lora --out runs/adapter
+  toolchain finetune --model smollm2-135m --recipe chat-lora --out runs/a --method qlora --max-steps 20
+  toolchain finetune --model smollm2-135m --recipe chat-lora --out runs/a --launcher deepspeed --nproc 2""")
 @model_opt
 @click.option("--recipe", required=True, help="A recipe name (toolchain recipes) or a path to a recipe YAML.")
 @data_opts
@@ -36,8 +46,9 @@ def data_opts(f):
 @launch_opts
 @path_opt
 @trust_opt
+@json_opt
 def finetune(model, recipe, data, eval_data, sets, max_steps, out, no_eval, method, launcher, nproc, zero, nnodes,
-             node_rank, rdzv_endpoint, model_path, trust_remote_code):
+             node_rank, rdzv_endpoint, model_path, trust_remote_code, as_json):
     """Train by the recipe's method (LoRA, QLoRA, DoRA, rsLoRA, full); report base vs tuned held-out metric.
 
     A run interrupted after a checkpoint resumes from it when started again with the same inputs."""
@@ -51,6 +62,8 @@ def finetune(model, recipe, data, eval_data, sets, max_steps, out, no_eval, meth
     src = resolve(model, model_path, trust_remote_code)
     res = run(src, loaded.recipe, loaded.file, Path(out), evaluate=not no_eval,
               launch=launch_spec(launcher, nproc, zero, nnodes, node_rank, rdzv_endpoint))
+    if as_json:
+        return _json(res)
     t = res["train"]
     console.print(f"[bold]{'model' if res['method'] == 'full' else 'adapter'} written to {out}[/bold]  ({t['steps']} "
                   f"steps, {t['ranks']} rank(s), {t['precision']}, {t['seconds']} s, {t['tokens_per_s']} tok/s, "
@@ -58,7 +71,9 @@ def finetune(model, recipe, data, eval_data, sets, max_steps, out, no_eval, meth
     print_scores(res)
 
 
-@click.command()
+@click.command(epilog="""\b
+Examples:
+  toolchain merge --model smollm2-135m --adapter runs/adapter --out runs/merged""")
 @model_opt
 @click.option("--adapter", required=True, type=click.Path(), help="The folder `toolchain finetune` wrote.")
 @click.option("--out", required=True, type=click.Path(), help="Output HF folder (written atomically).")
@@ -67,17 +82,25 @@ def finetune(model, recipe, data, eval_data, sets, max_steps, out, no_eval, meth
                    "method.merge_into).")
 @path_opt
 @trust_opt
-def merge(model, adapter, out, merge_into, model_path, trust_remote_code):
+@json_opt
+def merge(model, adapter, out, merge_into, model_path, trust_remote_code, as_json):
     """Merge a LoRA adapter into the full-precision base; fail if logits move by more than 1e-3."""
     from toolchain.config.sources import resolve
     from toolchain.stages.merge import merge as run
 
     rep = run(resolve(model, model_path, trust_remote_code), Path(adapter), Path(out), merge_into=merge_into)
+    if as_json:
+        return _json(rep)
     console.print(f"[bold]merged model written to {out}[/bold]  max |logit diff| vs base+adapter: "
                   f"{rep['max_abs_logit_diff']:.2e} (limit {rep['tolerance']:.0e})")
 
 
-@click.command()
+@click.command(epilog="""\b
+Examples:
+  toolchain edge                                   chat-lora on its model, to artifacts/…/cpu-int4
+  toolchain edge --recipe extract-json --target cpu-int8
+  toolchain edge --recipe chat-lora --target auto  the smallest variant that meets every gate
+  toolchain -q edge --json > report.json           the report with its headline, for CI""")
 @click.option("--model", default=None, help="A model card name or local folder (default: the recipe's model).")
 @click.option("--recipe", default="chat-lora", show_default=True)
 @click.option("--target", default=None,
@@ -91,8 +114,9 @@ def merge(model, adapter, out, merge_into, model_path, trust_remote_code):
 @launch_opts
 @path_opt
 @trust_opt
+@json_opt
 def edge(model, recipe, target, exporter, out, max_steps, data, eval_data, sets, force, method, launcher, nproc, zero,
-         nnodes, node_rank, rdzv_endpoint, model_path, trust_remote_code):
+         nnodes, node_rank, rdzv_endpoint, model_path, trust_remote_code, as_json):
     """The whole chain: finetune, merge, export, quantize, package, validate.
 
     With --data the recipe trains on your own JSONL (chat, prompt/completion or text rows, runtime/rows.py); --set
@@ -101,7 +125,16 @@ def edge(model, recipe, target, exporter, out, max_steps, data, eval_data, sets,
 
     rep = run(model, recipe, target=target, out=Path(out), exporter=exporter, max_steps=max_steps,
               model_path=model_path, trust_remote_code=trust_remote_code, force=force, method=method,
-              data=data, eval_data=eval_data, sets=sets, launch=launch_spec(launcher, nproc, zero, nnodes, node_rank, rdzv_endpoint))
+              data=data, eval_data=eval_data, sets=sets,
+              launch=launch_spec(launcher, nproc, zero, nnodes, node_rank, rdzv_endpoint))
+    if as_json:
+        _json(rep)
+        if target == "auto":
+            if not rep["pick"]:
+                click.echo("error: no variant meets every gate of the recipe", err=True)
+                sys.exit(GATE_EXIT)
+            return
+        return gates_exit(rep, err_console)
     if target == "auto":
         return auto_exit(rep)
     h = rep["headline"]
@@ -135,32 +168,44 @@ def auto_exit(rep: dict) -> None:
         console.print(f"[bold green]artifact:[/bold green] {rep['artifact']}  (report: {Path(rep['artifact']).parent}/auto_report.md)")
     else:
         click.echo("error: no variant meets every gate of the recipe", err=True)
-        sys.exit(1)
+        sys.exit(GATE_EXIT)
 
 
-@click.command()
+@click.command(epilog="""\b
+Examples:
+  toolchain export --model runs/merged --out runs/onnx
+  toolchain export --model runs/merged --out runs/onnx-optimum --exporter optimum""")
 @click.option("--model", "model_dir", required=True, type=click.Path(), help="A merged HF folder.")
 @click.option("--out", required=True, type=click.Path())
 @click.option("--exporter", type=click.Choice(["genai", "optimum"]), default="genai", show_default=True)
-def export(model_dir, out, exporter):
+@json_opt
+def export(model_dir, out, exporter, as_json):
     """Export a merged HF folder to an onnxruntime-genai fp32 folder, checking parity with torch."""
     from toolchain.stages.export.decoder import export as run
 
     rep = run(Path(model_dir), Path(out), exporter=exporter)
+    if as_json:
+        return _json(rep)
     console.print(f"[bold]exported to {out}[/bold]  {json.dumps({k: v for k, v in rep.items() if k != 'prompts'})}")
 
 
-@click.command()
+@click.command(epilog="""\b
+Examples:
+  toolchain quantize --onnx runs/onnx --target cpu-int4 --out runs/cpu-int4
+  toolchain quantize --onnx runs/onnx --target cpu-int4 --out runs/cpu-int4 --recipe chat-lora""")
 @click.option("--onnx", "onnx_dir", required=True, type=click.Path(), help="The folder `toolchain export` wrote.")
 @click.option("--target", required=True, help="cpu-int4, cpu-int8 or cpu-fp32.")
 @click.option("--out", required=True, type=click.Path())
 @click.option("--recipe", default=None, help="Take the int4 settings from this recipe's `quantize:` section.")
-def quantize(onnx_dir, target, out, recipe):
+@json_opt
+def quantize(onnx_dir, target, out, recipe, as_json):
     """Quantize an exported fp32 ONNX folder for a target."""
     from toolchain.config.catalog import load_recipe
     from toolchain.stages.quantize.nbits import quantize as run
 
     rep = run(Path(onnx_dir), target, Path(out), load_recipe(recipe)[0].quantize if recipe else None)
+    if as_json:
+        return _json(rep)
     console.print(f"[bold]{target} written to {out}[/bold]  ({rep['size_mb']} MB, {rep['seconds']} s)")
 
 

@@ -55,14 +55,14 @@ def _hub_cached(repo: str) -> Optional[Path]:
         return None
 
 
-def availability(card: ModelCard) -> str:
-    """'yes' or a short reason, for `toolchain models`. Never downloads."""
+def availability(card: ModelCard) -> tuple[bool, str]:
+    """(whether the weights are on this machine, where from or why not), for `toolchain models`. Never downloads."""
     s = card.source
     if s.package:
-        return "yes" if package_file(card) else f"no: {s.pip or 'install ' + s.package}"
+        return (True, f"package {s.package}") if package_file(card) else (False, s.pip or f"install {s.package}")
     if s.path:
-        return "yes" if (Path(s.path) / "config.json").is_file() else f"no: {s.path} missing"
-    return "yes (HF cache)" if _hub_cached(s.hub) else "no: needs --model-path or HF cache"
+        return (True, s.path) if (Path(s.path) / "config.json").is_file() else (False, f"{s.path} missing")
+    return (True, "HF cache") if _hub_cached(s.hub) else (False, "needs --model-path or HF cache")
 
 
 def _from_package(card: ModelCard) -> Path:

@@ -79,12 +79,15 @@ def host_can_validate(name: str) -> tuple[bool, str]:
 
 
 def listing() -> list[dict]:
+    """One row per target; validate_here: whether this host can validate it, validate_on: on which EP (a QDQ
+    target's accuracy on the CPU EP where its own is missing), why: the reason when not, or not on its own EP."""
     rows = []
     for name in TARGETS:
         t = get(name)
         ok, how = host_can_validate(name)
-        here = ("yes" if how == t["ep"] else f"accuracy, on {how}") if ok else f"no ({how})"
         rows.append({"target": name, "ep": t["ep"], "precision": t["precision"], "built_by": t["built_by"],
-                     "provider_options": t["provider_options"], "validate_here": here,
+                     "provider_options": t["provider_options"], "validate_here": ok,
+                     "validate_on": ("CPUExecutionProvider" if how != t["ep"] else t["ep"]) if ok else None,
+                     "why": None if how == t["ep"] else f"{t['ep']} unavailable" + (": accuracy only" if ok else ""),
                      "gates": {**t.get("gates", {})}})
     return rows

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 
 class _Strict(BaseModel):
@@ -48,9 +48,10 @@ class Report(_Strict):
     """report.json, what `toolchain validate` returns and `toolchain edge` prints; auto adds its choice."""
 
     target: str
-    status: Literal["passed", "gates_missed", "not_validated"]
+    # scored: `validate --data`, the user's own file measured with no gates, so neither passed nor missed
+    status: Literal["passed", "gates_missed", "not_validated", "scored"]
     validated: bool
-    passed: bool
+    passed: Optional[bool] = None  # absent when scored
     gates: list[Gate] = Field(default_factory=list)
     metric: Optional[str] = None
     artifact: Optional[str] = None
@@ -63,6 +64,7 @@ class Report(_Strict):
     measured: dict[str, Any] = Field(default_factory=dict)
     reference: dict[str, Any] = Field(default_factory=dict)
     host: Optional[dict[str, Any]] = None
+    session: Optional[dict[str, Any]] = None  # decoders: {setting: {"value", "from"}} the run used (runtime/session.py)
     seconds: Optional[float] = None
     figures: Optional[list[str]] = None  # encoders: the task figures reported
     decoding: Optional[str] = None  # with --lookup
@@ -82,3 +84,28 @@ class Report(_Strict):
         """The report as JSON-ready data: optional fields left out when unset, except those in `keep`."""
         data = self.model_dump(exclude_none=True)
         return {**data, **{k: getattr(self, k) for k in keep if k not in data}}
+
+
+class SessionOptions(_Strict):
+    """device_profile.json's session_options: the only settings a profile may change, with sane values. The keys
+    are onnxruntime-genai's (the second is an ONNX Runtime session config entry, a string)."""
+
+    intra_op_num_threads: Optional[StrictInt] = Field(None, ge=1, le=1024)
+    allow_spinning: Optional[Literal["0", "1"]] = Field(None, alias="session.intra_op.allow_spinning")
+
+    def out(self) -> dict:
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
+class DeviceProfile(_Strict):
+    """device_profile.json, written by `toolchain tune` into an artifact: the session settings that decoded fastest
+    on that device, what was measured, and on which host. Not in the manifest's hashes (it is per device); read
+    strictly instead."""
+
+    session_options: SessionOptions
+    measured: list[dict[str, Any]] = Field(default_factory=list)
+    host: dict[str, Any] = Field(default_factory=dict)
+    created: str = ""
+
+    def out(self) -> dict:
+        return {**self.model_dump(exclude={"session_options"}), "session_options": self.session_options.out()}

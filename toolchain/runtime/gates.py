@@ -31,3 +31,8 @@ def merge_gates(recipe_gates: dict, target_gates: dict) -> dict:
         stricter = max if k.startswith("min_") else min
         out[k] = stricter(v, out[k]) if k in out else v
     return out
+
+
+def status(passed) -> str:
+    """A validated report's status from its gates' verdict: None (the user's --data, no gates) is "scored"."""
+    return "scored" if passed is None else "passed" if passed else "gates_missed"

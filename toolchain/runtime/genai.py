@@ -5,23 +5,26 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
+from toolchain.runtime import session as session_mod
 from toolchain.runtime.errors import ToolchainError
 from toolchain.runtime.lookup import decode as lookup_decode
 from toolchain.runtime.lookup import greedy
 from toolchain.runtime.metrics import log_softmax
 
 
-def load(folder: Path, provider: str = "cpu", options: Optional[dict] = None):
+def load(folder: Path, provider: str = "cpu", options: Optional[dict] = None, session: Optional[dict] = None):
     """(model, tokenizer) for an onnxruntime-genai folder, on the given execution provider (onnxruntime-genai's
     name: cpu, cuda, dml, webgpu, qnn) with its options. "cpu" drops any EP genai_config.json names, so a QDQ
-    model built for an NPU runs on the CPU EP."""
+    model built for an NPU runs on the CPU EP. `session`: the settings from runtime/session.resolve (default: that
+    of this folder with no --threads, i.e. this host's usable cores), applied as an overlay, the folder untouched."""
     import onnxruntime_genai as og
 
     cfg = og.Config(str(folder))
+    cfg.overlay(session_mod.overlay(session or session_mod.resolve(Path(folder))))
     cfg.clear_providers()
     if provider != "cpu":
         cfg.append_provider(provider)
@@ -54,12 +57,13 @@ class Generation:
 
 
 def generate(model, prompt_ids: list[int], max_new_tokens: int, force_length: bool = False, lookup: int = 0,
-             eos: tuple[int, ...] = ()) -> Generation:
+             eos: tuple[int, ...] = (), on_token: Optional[Callable[[int], None]] = None) -> Generation:
     """Greedy decoding. force_length keeps going past end-of-sequence, for timing a fixed number of tokens.
     lookup > 0: prompt-lookup decoding (runtime/lookup.py), with drafts of up to `lookup` tokens. Its tokens are
     greedy's, except at near-ties in a quantized model: its int8-activation MatMulNBits kernels give a position
     slightly different logits in a multi-token pass than in a one-token pass. `eos`: the end-of-sequence ids
-    (eos_ids(tok)), needed with lookup."""
+    (eos_ids(tok)), needed with lookup. on_token: called with each new token as it is chosen (plain loop only;
+    the timings include it, as a streaming caller sees them)."""
     if lookup > 0:
         return _generate_lookup(model, prompt_ids, max_new_tokens, force_length, lookup, tuple(eos))
     import onnxruntime_genai as og
@@ -77,6 +81,8 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, force_length: bo
         out.append(int(gen.get_next_tokens()[0]))
         if t_first is None:
             t_first = time.perf_counter()
+        if on_token:
+            on_token(out[-1])
     end = time.perf_counter()
     return Generation(out, len(prompt_ids), (t_first or end) - t0, end - (t_first or end), max(len(out) - 1, 0))
 

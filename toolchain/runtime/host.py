@@ -29,11 +29,16 @@ def cpuinfo(text: Optional[str] = None) -> dict:
     return {"model": model, "isa": [f for f in ISA if f in flags]}
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and taskset narrow), not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def describe(threads: Optional[int] = None) -> dict:
     """{'cpu', 'isa', 'vnni', 'bf16', 'cores', 'threads', 'machine'} for this host; threads: what the run used."""
     info = cpuinfo()
     isa = set(info["isa"])
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     return {"cpu": info["model"], "isa": info["isa"], "vnni": bool(isa & {"avx512_vnni", "avx_vnni", "amx_int8"}),
             "bf16": bool(isa & {"avx512_bf16", "amx_bf16"}), "cores": cores, "threads": threads or cores,
             "machine": platform.machine(), "python": platform.python_version()}

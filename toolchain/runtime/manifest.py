@@ -10,8 +10,9 @@ from toolchain.runtime.fsutil import sha256_file
 MANIFEST = "manifest.json"
 EVAL_FILE = "eval.jsonl"  # the held-out split every artifact ships, tokenized (decoders) or as rows (encoders)
 MODEL_CARD = "README.md"  # a decoder artifact's model card: its scores exist only after validation
-# Written after packaging (by validate and the reports): not covered by the hashes.
-OUTPUTS = {MANIFEST, "report.json", "report.md", "report.png", MODEL_CARD}
+PROFILE = "device_profile.json"  # `toolchain tune`'s session settings for one device; read strictly (runtime/session.py)
+# Written after packaging (by validate, the reports and tune): not covered by the hashes.
+OUTPUTS = {MANIFEST, "report.json", "report.md", "report.png", MODEL_CARD, PROFILE}
 
 
 def file_hashes(folder: Path) -> dict[str, str]:

@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from toolchain.runtime import genai, host, manifest, metrics
+from toolchain.runtime import genai, host, manifest, metrics, session
 from toolchain.runtime.contracts import Report
-from toolchain.runtime.gates import check_gates, merge_gates
+from toolchain.runtime.gates import check_gates, merge_gates, status
 from toolchain.runtime.manifest import EVAL_FILE
 from toolchain.runtime.providers import ep_available
 from toolchain.runtime.memory import peak_rss_mb
@@ -94,7 +94,8 @@ def accuracy(model, tok, rows: list[dict], metric: str, max_new_tokens: int, pro
     return out, generated
 
 
-def _rows(folder: Path, data: Optional[Path], tok) -> list[dict]:
+def eval_rows(folder: Path, data: Optional[Path], tok) -> list[dict]:
+    """The rows to score: the shipped eval.jsonl (tokenized at packaging), or the user's file tokenized here."""
     from toolchain.runtime.devicedata import tokenize_rows
 
     if data is None:
@@ -119,30 +120,40 @@ def _size_mb(folder: Path, man: dict) -> float:
     return sum(p.stat().st_size for p in folder.iterdir() if p.name in man["files"] and p.suffix in (".onnx", ".data")) / 1e6
 
 
-def validate(folder: Path, data: Optional[Path] = None, progress=None, lookup: int = 0) -> dict:
-    """The report. status: "passed", "gates_missed", or "not_validated" (EP missing here: never a pass).
+def validate(folder: Path, data: Optional[Path] = None, progress=None, lookup: int = 0,
+             threads: Optional[int] = None, stage=None) -> dict:
+    """The report. status: "passed", "gates_missed", "not_validated" (EP missing here: never a pass), or with
+    `data` (the user's file, scored against no gates) "scored", with `passed` left out.
     lookup > 0: the task's answers are generated with prompt-lookup decoding (drafts of up to `lookup` tokens), and
-    the latency block adds its speed beside plain greedy's, which the gates keep reading."""
+    the latency block adds its speed beside plain greedy's, which the gates keep reading. threads: intra-op threads
+    for this run (default: runtime/session.resolve's); the report's `session` says what ran and why, `host` the
+    thread count. progress(i, n): after each generated answer; stage(what): as each stage starts."""
     folder = Path(folder)
+    say = stage or (lambda what: None)
+    say("checking every file against the manifest's sha256")
     man = manifest.verify(folder)
     if man.get("model_card", {}).get("kind") == "encoder":  # ONNX + tokenizers, no GenAI folder
         from toolchain.runtime.encoder import validate as validate_encoder
 
         return validate_encoder(folder, man, data, progress)
     target = man["target"]
+    settings = session.resolve(folder, threads)
     base = {"artifact": str(folder), "target": target["name"], "ep": target.get("ep", "CPUExecutionProvider"),
             "precision": target.get("precision"), "reference": man.get("reference", {}),
-            "host": host.describe()}
+            "host": host.describe(session.threads(settings)), "session": settings}
     provider, note = pick_provider(target)
     if provider is None:
         return Report(**base, metric=man["recipe"]["metric"]["name"], validated=False, status="not_validated",
                       reason=note, measured={"size_mb": _size_mb(folder, man)}, passed=False).out()
-    model, tok = genai.load(folder, provider, target.get("provider_options") if provider != "cpu" else None)
-    rows = _rows(folder, data, tok)
+    say(f"loading on {provider}: {session.one_line(settings)}")
+    model, tok = genai.load(folder, provider, target.get("provider_options") if provider != "cpu" else None, settings)
+    rows = eval_rows(folder, data, tok)
     rec = man["recipe"]
     t0 = time.time()
+    say("latency: a warm-up, then 5 greedy runs of 64 new tokens" + (f", also with lookup {lookup}" if lookup else ""))
     lat = latency(model, rows[0].get("prompt_ids") or rows[0]["input_ids"], lookup=lookup,
                   eos=genai.eos_ids(tok))
+    say(f"accuracy: perplexity over {len(rows)} rows, then {rec['metric']['name']} by greedy generation")
     acc, _ = accuracy(model, tok, rows, rec["metric"]["name"], rec["metric"]["max_new_tokens"], progress, lookup)
     measured = {**lat, **acc, "size_mb": _size_mb(folder, man),
                 "peak_rss_mb": peak_rss_mb()}
@@ -152,9 +163,9 @@ def validate(folder: Path, data: Optional[Path] = None, progress=None, lookup: i
         not_applicable.append("min_decode_tok_s")
         gate_spec.pop("min_decode_tok_s")
     gates = check_gates(gate_spec, measured, base["reference"], rec["metric"]["name"]) if data is None else []
-    passed = all(g["passed"] for g in gates)
+    passed = all(g["passed"] for g in gates) if data is None else None
     return Report(**base, provider=provider, metric=rec["metric"]["name"], validated=True,
-                  status="passed" if passed else "gates_missed", data=str(data) if data else EVAL_FILE,
+                  status=status(passed), data=str(data) if data else EVAL_FILE,
                   measured=measured, gates=gates, passed=passed, seconds=round(time.time() - t0, 1),
                   decoding=f"greedy with prompt lookup (drafts of up to {lookup} tokens)" if lookup > 0 else None,
                   target_gates=target.get("gates") or None, note=note,

@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from conftest import REPO
-from toolchain.report import model_card
+from toolchain.modelcard import model_card
 from toolchain.runtime.manifest import OUTPUTS
 
 

@@ -38,6 +38,10 @@ def test_tiny_phi3_int4_artifact(tiny_run):
     m = rep["measured"]
     assert m["decode_tok_s_p50"] > 0 and m["eval_examples"] == 8 and 0 <= m["token_agreement_fp32"] <= 1
     assert rep["headline"]["size_mb"] < rep["headline"]["fp32_size_mb"]
+    cost = rep["headline"]["stages"]  # what each stage cost this run: wall time and its own peak RSS
+    assert list(cost) == ["finetune", "merged", "export-genai", "reference", "quantize-cpu-int4", "cpu-int4", "validate"]
+    assert all(c["seconds"] >= 0 and c["peak_rss_mb"] > 50 and not c["reused"] for c in cost.values()), cost
+    assert cost["finetune"]["seconds"] > 0 and cost["export-genai"]["seconds"] > 0
 
 
 def test_unchanged_inputs_reuse_every_stage(tiny_run, tiny_phi3, monkeypatch):

@@ -11,6 +11,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -19,6 +20,7 @@ from rich.console import Console
 
 from toolchain.runtime.errors import ToolchainError
 from toolchain.runtime.fsutil import sha256_file
+from toolchain.runtime.memory import peak_rss_mb, reset_peak
 
 console = Console(stderr=True, soft_wrap=True)  # a stage line is never cut mid-path when piped
 
@@ -38,6 +40,7 @@ class Stages:
     def __init__(self, root: Path, force: bool):
         self.root, self.force, self.lineage = root, force, []
         self.reused: dict[str, bool] = {}  # stage -> whether this run reused it
+        self.cost: dict[str, dict] = {}  # stage -> wall seconds and peak RSS of this run's work on it
         (root / "stages" / ".keys").mkdir(parents=True, exist_ok=True)
 
     def run(self, name: str, inputs: dict, fn: Callable[[Path], dict], out: Optional[Path] = None) -> StageOut:
@@ -50,10 +53,17 @@ class Stages:
             summary = json.loads(rec.read_text())["summary"]
         else:
             console.print(f"[bold]{name}[/bold] -> {out}")
+            measured_rss, t0 = reset_peak(), time.perf_counter()
             summary = fn(out)
-            rec.write_text(json.dumps({"key": key, "inputs": inputs, "summary": summary}, indent=2, default=str))
+            cost = {"seconds": round(time.perf_counter() - t0, 1),
+                    "peak_rss_mb": round(peak_rss_mb()) if measured_rss else None}
+            console.print(f"[dim]{name}: {cost['seconds']} s" + (f", peak RSS {cost['peak_rss_mb']} MB[/dim]"
+                                                                 if measured_rss else "[/dim]"))
+            rec.write_text(json.dumps({"key": key, "inputs": inputs, "summary": summary, "cost": cost}, indent=2,
+                                      default=str))
         self.lineage.append({"stage": name, "key": key, "out": str(out)})
         self.reused[name] = reused
+        self.cost[name] = {"reused": reused, **({"seconds": 0.0, "peak_rss_mb": None} if reused else cost)}
         return StageOut(out, key, summary, reused)
 
 

@@ -168,14 +168,18 @@ def build_target(r: Run, target: str, spec: Optional[QuantizeSpec] = None, name:
     return art.out
 
 
-def headline(report: dict, reference: dict, metric: str, fp32_size_mb: float, stages_reused: dict) -> dict:
+def headline(report: dict, reference: dict, metric: str, fp32_size_mb: float, st: Stages) -> dict:
     """The figures `toolchain edge` prints, for a decoder or an encoder artifact: size against fp32, speed, the
-    task metric for base torch, tuned torch, fp32 ONNX and the artifact, and which stages this run reused."""
+    task metric for base torch, tuned torch, fp32 ONNX and the artifact, which stages this run reused, and what each
+    stage cost (wall seconds, peak RSS; validate's are its own process's)."""
+    stages_reused = dict(st.reused)
+    cost = {**st.cost, "validate": {"reused": False, "seconds": report.get("seconds"),
+                                    "peak_rss_mb": report.get("measured", {}).get("peak_rss_mb")}}
     m, fp32 = report["measured"], reference["onnx_fp32"]
     h = {"artifact": report["artifact"], "status": report["status"], "size_mb": m["size_mb"],
          "fp32_size_mb": fp32_size_mb, "metric": metric, "base_torch": reference["torch_base"].get(metric),
          "tuned_torch": reference["torch_tuned"].get(metric), "onnx_fp32": fp32.get(metric),
-         "artifact_metric": m.get(metric), "stages_reused": stages_reused}
+         "artifact_metric": m.get(metric), "stages_reused": stages_reused, "stages": cost}
     if report.get("kind") == "encoder":
         return {**h, "kind": "encoder", "latency_ms_p50": m["latency_ms_p50"], "latency_ms_p95": m["latency_ms_p95"]}
     return {**h, "decode_tok_s": m.get("decode_tok_s_p50"),
@@ -188,7 +192,7 @@ def validate_artifact(r: Run, art: Path) -> dict:
     report = validate_in_own_process(art)
     report_mod.write_reports(art, report)
     fp32_size = sum(p.stat().st_size for p in r.export.glob("model.onnx*")) / 1e6
-    report["headline"] = headline(report, r.reference, r.recipe.metric.name, fp32_size, dict(r.st.reused))
+    report["headline"] = headline(report, r.reference, r.recipe.metric.name, fp32_size, r.st)
     return report
 
 
@@ -257,8 +261,7 @@ def edge_encoder(src: Resolved, rec: Recipe, rec_file: Path, target: str, out: P
                  out=root / target, fn=lambda o: {"path": str(package_encoder(q.out, ft.out / "model", held, o, manifest))})
     report = validate_in_own_process(art.out)
     report_mod.write_reports(art.out, report)
-    report["headline"] = headline(report, figures, rec.metric.name, (ex.out / rt.MODEL).stat().st_size / 1e6,
-                                  dict(st.reused))
+    report["headline"] = headline(report, figures, rec.metric.name, (ex.out / rt.MODEL).stat().st_size / 1e6, st)
     return report
 
 

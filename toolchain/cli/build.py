@@ -139,6 +139,7 @@ def edge(model, recipe, target, exporter, out, max_steps, data, eval_data, sets,
         return auto_exit(rep)
     h = rep["headline"]
     console.print(f"[bold green]artifact:[/bold green] {h['artifact']}  (report: {h['artifact']}/report.md)")
+    console.print("  stages: " + ", ".join(_cost(n, c) for n, c in h.get("stages", {}).items()))
     if h.get("kind") == "encoder":
         console.print(f"  latency per sequence p50 {h['latency_ms_p50']:.2f} ms, p95 {h['latency_ms_p95']:.2f} ms   "
                       f"size {h['size_mb']:.1f} MB vs fp32 {h['fp32_size_mb']:.1f} MB")
@@ -153,6 +154,13 @@ def edge(model, recipe, target, exporter, out, max_steps, data, eval_data, sets,
     console.print(f"  {h['metric']}: base torch {h['base_torch']:.3f}   tuned torch {h['tuned_torch']:.3f}   "
                   f"{rep['target']} {h['artifact_metric']:.3f}")
     gates_exit(rep)
+
+
+def _cost(name: str, c: dict) -> str:
+    if c.get("reused"):
+        return f"{name} reused"
+    rss = f" {c['peak_rss_mb'] / 1024:.1f} GB" if c.get("peak_rss_mb") else ""
+    return f"{name} {c.get('seconds') or 0:.0f} s{rss}"
 
 
 def auto_exit(rep: dict) -> None:

@@ -15,3 +15,13 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak() -> bool:
+    """Start a new peak: Linux resets VmHWM to the current RSS when 5 is written to /proc/self/clear_refs, so the
+    next peak_rss_mb() is the peak since this call (per stage, in one process). False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False

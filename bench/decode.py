@@ -13,7 +13,7 @@ What it does:
      cpu-int4 with its lm_head pruned to the last position (speed only), plus the builder's own int4 defaults.
   3. llama.cpp: the merged model converted to an f32 GGUF by llama.cpp's own converter (convert_hf_to_gguf.py from
      the llama-cpp-python source distribution), then Q4_0 and Q4_K_M by llama.cpp's quantizer
-     (llama_cpp.llama_model_quantize).
+     (llama_cpp.llama_model_quantize): toolchain/stages/quantize/gguf.py, what the gguf-* targets are built by.
   4. Speed: every (runtime, threads) in its own process (its own peak RSS), greedy, 128 new tokens, prompts of 32 and
      512 tokens cut from held-out text, one warm-up, then `--reps` timed runs; the whole list of configurations is
      run `--rounds` times, interleaved, and the median over all timed runs is reported. Figures: prefill tok/s,
@@ -43,10 +43,8 @@ sys.path.insert(0, str(REPO))
 from toolchain.runtime.memory import peak_rss_mb  # noqa: E402
 
 WORK = REPO / ".cache" / "bench"
-SDIST = REPO / ".cache" / "sdist"
-LLAMA_VERSION = "0.3.36"
 NEW_TOKENS = 128
-LLAMA_QUANTS = {"Q4_0": 2, "Q4_K_M": 15}  # llama_ftype values (llama.h: LLAMA_FTYPE_MOSTLY_Q4_0, _Q4_K_M)
+LLAMA_QUANTS = ("Q4_0", "Q4_K_M")  # by llama.cpp's quantizer (stages/quantize/gguf.py FTYPES)
 QUALITY_TEXT_CHUNKS = 48  # all of domain-adapt/eval.jsonl: about 7k scored positions
 QUALITY_CHATS = 24
 
@@ -84,7 +82,7 @@ def ours(merged: Path, recipe: str) -> dict[str, dict]:
     from toolchain.config import targets
     from toolchain.stages.quantize.nbits import quantize, spec_for
     from toolchain.config.schema import QuantizeSpec
-    from toolchain.config.targets import stamp_genai_config
+    from toolchain.stages.package import stamp_genai_config
 
     stamp = sha256_file(merged / "model.safetensors")[:12]
     root = WORK / f"ours-{stamp}"
@@ -198,45 +196,24 @@ def builder_int4(merged: Path, out: Path, options: tuple[str, ...] = ()) -> Path
     return out
 
 
-def llama_converter() -> Path:
-    """convert_hf_to_gguf.py from the llama-cpp-python source distribution (vendor/llama.cpp), with its gguf-py."""
-    base = SDIST / f"llama_cpp_python-{LLAMA_VERSION}" / "vendor" / "llama.cpp"
-    script = base / "convert_hf_to_gguf.py"
-    if not script.is_file():
-        SDIST.mkdir(parents=True, exist_ok=True)
-        tar = SDIST / f"llama_cpp_python-{LLAMA_VERSION}.tar.gz"
-        if not tar.is_file():
-            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-binary", ":all:", "--no-deps",
-                            f"llama-cpp-python=={LLAMA_VERSION}", "-d", str(SDIST)], check=True)
-        top = f"llama_cpp_python-{LLAMA_VERSION}/vendor/llama.cpp"
-        subprocess.run(["tar", "xzf", str(tar), "-C", str(SDIST), f"{top}/convert_hf_to_gguf.py", f"{top}/gguf-py",
-                        f"{top}/conversion"], check=False)
-    if not script.is_file():
-        raise SystemExit(f"llama.cpp's converter not found at {script}")
-    return script
-
-
 def llama_models(merged: Path) -> dict[str, dict]:
-    """The merged model as llama.cpp GGUFs: f32 by llama.cpp's converter, Q4_0 and Q4_K_M by llama.cpp's quantizer."""
-    import llama_cpp
+    """The merged model as llama.cpp GGUFs: f32 by llama.cpp's converter, Q4_0 and Q4_K_M by llama.cpp's quantizer,
+    with the toolchain's GGUF stage functions (stages/quantize/gguf.py: the converter from the llama-cpp-python
+    sdist in TOOLCHAIN_HOME), the same code the gguf-* targets are built by."""
+    import llama_cpp  # noqa: F401  (the runs below need it too)
     from toolchain.runtime.fsutil import sha256_file
+    from toolchain.stages.quantize import gguf
 
     root = WORK / f"gguf-{sha256_file(merged / 'model.safetensors')[:12]}"
     root.mkdir(parents=True, exist_ok=True)
     f32 = root / "merged-f32.gguf"
     if not f32.is_file():
-        subprocess.run([sys.executable, str(llama_converter()), str(merged), "--outtype", "f32", "--outfile",
-                        str(f32)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        gguf.convert(merged, f32, "f32")
     out = {}
-    for name, ftype in LLAMA_QUANTS.items():
+    for name in LLAMA_QUANTS:
         q = root / f"merged-{name}.gguf"
         if not q.is_file():
-            params = llama_cpp.llama_model_quantize_default_params()
-            params.ftype = ftype
-            params.nthread = 2
-            rc = llama_cpp.llama_model_quantize(str(f32).encode(), str(q).encode(), params)
-            if rc != 0:
-                raise SystemExit(f"llama_model_quantize {name} failed ({rc})")
+            gguf.quantize(f32, q, name.lower(), threads=2)
         out[f"llama.cpp {name}"] = {"kind": "llama", "path": str(q)}
     # llama.cpp's CPU threads are an OpenMP team (GGML_OPENMP, its default build), which spins while waiting; the
     # same Q4_0 with OpenMP's passive wait is the like-for-like comparison with our non-spinning session default.

@@ -25,7 +25,8 @@ def test_targets_listing():
     r = _cli("targets", "--json")
     assert r.returncode == 0, r.stderr
     rows = {x["target"]: x for x in json.loads(r.stdout)}
-    assert set(rows) == {"cpu-fp32", "cpu-int4", "cpu-int8", "cuda-fp16", "cuda-int4", "dml-int4", "webgpu-int4", "npu-qdq"}
+    assert set(rows) == {"cpu-fp32", "cpu-int4", "cpu-int8", "cuda-fp16", "cuda-int4", "dml-int4", "webgpu-int4", "npu-qdq",
+                         "gguf-q8_0", "gguf-q4_k_m"}
     assert rows["cuda-int4"]["ep"] == "CUDAExecutionProvider" and rows["cuda-int4"]["built_by"] == "builder"
     assert rows["npu-qdq"]["built_by"] == "qdq" and rows["npu-qdq"]["provider_options"] == {"backend_type": "htp"}
     assert rows["cpu-int4"]["validate_here"] is True and rows["cpu-int4"]["why"] is None

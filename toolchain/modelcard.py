@@ -56,10 +56,14 @@ def model_card(man: dict, rep: dict) -> str:
     training = man.get("training") or {}
     method = training.get("method", recipe["method"]["type"])
     name = artifact_name(man)
+    gguf = target.get("built_by") == "llama.cpp"
+    runtime_tags = ["gguf", "llama.cpp"] if gguf else ["onnx", "onnxruntime-genai"]
     front = {"base_model": card.get("base_model") or card["source"].get("hub") or card["name"],
-             **_hf_license(card["license"]), "library_name": "onnxruntime-genai", "pipeline_tag": "text-generation",
-             "tags": list(dict.fromkeys(["onnx", "onnxruntime-genai", target["precision"], target["name"],
-                                         f"{target['provider']}-ep", method, recipe["task"], "edge-toolchain"]))}
+             **_hf_license(card["license"]), "library_name": "gguf" if gguf else "onnxruntime-genai",
+             "pipeline_tag": "text-generation",
+             "tags": list(dict.fromkeys(runtime_tags + [target["precision"], target["name"]]
+                                        + ([] if gguf else [f"{target['provider']}-ep"])
+                                        + [method, recipe["task"], "edge-toolchain"]))}
     m, ref, metric = rep.get("measured", {}), rep.get("reference", {}), rep.get("metric") or recipe["metric"]["name"]
     mth = recipe["method"]
     how = [f"| base model | `{front['base_model']}` ({card.get('params', '?')} parameters, {card['architecture']}) |",
@@ -72,13 +76,15 @@ def model_card(man: dict, rep: dict) -> str:
             for k, f in (man.get("inputs", {}).get("data_files") or {}).items()]
     if man.get("overrides"):
         how.append("| overrides | " + ", ".join(f"`{o}`" for o in man["overrides"]) + " |")
-    how += [f"| export | {target.get('exporter', '')} (fp32 ONNX, checked against torch) |",
+    how += [f"| export | {target.get('exporter', '')} " + ("(from the merged fp32 HF folder) |" if gguf else
+                                                            "(fp32 ONNX, checked against torch) |"),
             f"| target | `{target['name']}`: {target['precision']} on {target['ep']} |",
             f"| quantization | {_quantization(target)} |"]
     if rep.get("validated", True):
         status = "all gates passed" if rep.get("passed") else "GATES MISSED"
-        scores = [f"Validated with ONNX Runtime GenAI on `{rep.get('provider', target['provider'])}` ({status}), "
-                  f"{m.get('eval_examples', 'n/a')} held-out examples.", "",
+        scores = [(f"Validated with llama.cpp ({rep.get('note')}), {status}, " if gguf else
+                   f"Validated with ONNX Runtime GenAI on `{rep.get('provider', target['provider'])}` ({status}), ")
+                  + f"{m.get('eval_examples', 'n/a')} held-out examples.", "",
                   "| figure | this artifact | fp32 ONNX | tuned torch | base torch |", "|---|---|---|---|---|"]
         for k in dict.fromkeys(["perplexity", metric]):
             if k in m or k in ref.get("onnx_fp32", {}):
@@ -90,13 +96,23 @@ def model_card(man: dict, rep: dict) -> str:
                           for g in rep.get("gates", [])] + (["- no gates set"] if not rep.get("gates") else [])
     else:
         scores = [f"Not validated on the build host: {rep.get('reason')}. Size {_fmt(m.get('size_mb'), '.1f')} MB; run "
-                  "`toolchain validate` on a machine with the execution provider."]
+                  f"`toolchain validate` on a machine with {'llama-cpp-python' if gguf else 'the execution provider'}."]
+    made = "converted to GGUF by llama.cpp's own tools" if gguf else "exported to ONNX and quantized"
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {name}", "",
-             f"{card['name']} fine-tuned by recipe `{recipe['name']}` ({method}), exported to ONNX and quantized for "
+             f"{card['name']} fine-tuned by recipe `{recipe['name']}` ({method}), {made} for "
              f"`{target['name']}`. Made with edge-toolchain; `manifest.json` records every input and file hash.", "",
              "## How it was made", "", "| | |", "|---|---|"] + how + ["", "## Scores", ""] + scores + [
-             "", "## Use", "",
-             f"With onnxruntime-genai {man.get('versions', {}).get('onnxruntime-genai', '')}: "
-             "`onnxruntime_genai.Model(\"path/to/this/folder\")`. Foundry Local finds the folder by its "
-             f"`inference_model.json` (model name `{name}`). Check it on a device with `toolchain validate <folder>`.", ""]
+             "", "## Use", "", _use(man, name), ""]
     return "\n".join(lines)
+
+
+def _use(man: dict, name: str) -> str:
+    """The model card's one paragraph on running the artifact."""
+    if man["target"].get("built_by") == "llama.cpp":
+        gguf = next((f for f in man.get("files", {}) if f.endswith(".gguf")), "model.gguf")
+        return (f"With llama.cpp: `llama-cli -m {gguf}` (the vocabulary and chat template are in the file), or from "
+                f"Python `llama_cpp.Llama(model_path=\"{gguf}\")`. Check it on a device with `toolchain validate "
+                "<folder>` (needs llama-cpp-python).")
+    return (f"With onnxruntime-genai {man.get('versions', {}).get('onnxruntime-genai', '')}: "
+            "`onnxruntime_genai.Model(\"path/to/this/folder\")`. Foundry Local finds the folder by its "
+            f"`inference_model.json` (model name `{name}`). Check it on a device with `toolchain validate <folder>`.")

@@ -124,7 +124,7 @@ def build_target(r: Run, target: str, spec: Optional[QuantizeSpec] = None, name:
     """Quantize (or build) and package one target (or, with spec/name/out, one variant of cpu-int4 or cpu-int8) from
     the run's stages; returns the artifact folder."""
     from toolchain.stages.package import VERSION as PACKAGE_VERSION
-    from toolchain.stages.package import package
+    from toolchain.stages.package import package, package_gguf
 
     t = targets.get(target)
     name = name or target
@@ -136,6 +136,12 @@ def build_target(r: Run, target: str, spec: Optional[QuantizeSpec] = None, name:
                      lambda o: build(r.merged, target, o, r.src.trust_remote_code))
         exporter = "onnxruntime-genai builder"
         t["provider_options"] = {k: v for e in q.summary["genai_provider_options"] for k, v in e.get(t["provider"], {}).items()}
+    elif t["built_by"] == "llama.cpp":  # a GGUF from the merged folder; no ONNX involved
+        from toolchain.stages.quantize import gguf
+
+        q = r.st.run(f"build-{name}", {"merged": r.merged_key, "target": target, "llama_cpp_python": gguf.LLAMA_CPP_PYTHON},
+                     lambda o: gguf.build(r.merged, target, o))
+        exporter = gguf.EXPORTER
     elif t["built_by"] == "qdq":
         from toolchain.stages.quantize import qdq
 
@@ -163,8 +169,9 @@ def build_target(r: Run, target: str, spec: Optional[QuantizeSpec] = None, name:
               "overrides": list(r.overrides), "layout": PACKAGE_VERSION}  # the same recipe reached by other overrides: the manifest says which
     if t.get("session_options"):  # written into genai_config.json: a changed default repackages
         pkg_in["session_options"] = t["session_options"]
+    pack = package_gguf if t["built_by"] == "llama.cpp" else package
     art = r.st.run(name if out is None else f"artifact-{name}", pkg_in, out=out or r.root / name, fn=lambda o: {
-        "path": str(package(q.out, r.reference_dir / EVAL_FILE, o, manifest))})
+        "path": str(pack(q.out, r.reference_dir / EVAL_FILE, o, manifest))})
     return art.out
 
 
@@ -281,8 +288,10 @@ def edge(model: Optional[str], recipe: str, target: Optional[str] = None, out: P
     src = resolve(model or rec.model, model_path, trust_remote_code)  # fails fast, before any work
     if src.card.kind == "encoder":
         return edge_encoder(src, rec, rec_file, target, Path(out), force, loaded.overrides)
-    if target != "auto":
-        targets.get(target)  # an unknown target fails before any work
+    if target != "auto" and targets.get(target)["built_by"] == "llama.cpp":  # an unknown target fails before any work
+        from toolchain.stages.quantize.gguf import check_buildable
+
+        check_buildable(target)  # llama.cpp's converter fetched, its quantizer found where the target needs it
     r = prepare(src, rec, rec_file, out, exporter, force, launch, loaded.overrides)
     if target == "auto":
         return choose_target(r)

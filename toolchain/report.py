@@ -12,10 +12,14 @@ def _fmt(v, spec=".3f"):
     return format(v, spec) if isinstance(v, (int, float)) else "n/a"
 
 
+GGUF_EP = "llama.cpp"  # config/targets.py: the GGUF targets' `ep`
+
+
 def _not_validated(rep: dict, siblings: dict[str, dict]) -> str:
+    where = "llama-cpp-python installed" if rep.get("ep") == GGUF_EP else "the EP"
     return "\n".join([f"# {rep['target']} — {rep['artifact']}", "",
                       f"**{rep['reason']}.** Nothing was measured except the size ({_fmt(rep['measured']['size_mb'], '.1f')} MB); "
-                      "no gate counts as passed. Run `toolchain validate` on a host with the EP.", ""] + _siblings(siblings, None))
+                      f"no gate counts as passed. Run `toolchain validate` on a host with {where}.", ""] + _siblings(siblings, None))
 
 
 def _siblings(siblings: dict[str, dict], metric) -> list[str]:
@@ -54,10 +58,11 @@ def markdown(rep: dict, siblings: dict[str, dict], figure: bool = True) -> str:
     m, ref = rep["measured"], rep["reference"]
     metric = _metric(rep)
     lines = [f"# {rep['target']} — {rep['artifact']}", "",
-             f"Validated with ONNX Runtime GenAI on the `{rep['provider']}` execution provider "
-             f"({'all gates passed' if rep['passed'] else 'GATES MISSED'}).", ""] + _host(rep) + (
+             (f"Validated with llama.cpp ({rep.get('note')}) " if rep.get("ep") == GGUF_EP else
+              f"Validated with ONNX Runtime GenAI on the `{rep['provider']}` execution provider ")
+             + f"({'all gates passed' if rep['passed'] else 'GATES MISSED'}).", ""] + _host(rep) + (
              [f"Note: {rep['note']}" + "".join(f"; `{g}` not applied" for g in rep.get("gates_not_applicable", [])) + ".", ""]
-             if rep.get("note") else []) + [
+             if rep.get("note") and rep.get("ep") != GGUF_EP else []) + [
              "| figure | value |", "|---|---|",
              f"| decode tok/s (p50) | {_fmt(m['decode_tok_s_p50'], '.1f')} |",
              f"| prefill tok/s | {_fmt(m['prefill_tok_s'], '.1f')} |",

@@ -4,8 +4,10 @@
     built_by "builder"   onnxruntime_genai.models.builder from the merged HF folder, for that EP and precision
     built_by "qdq"       static QDQ quantization (onnxruntime.quantization, QNN config helpers) with calibration
                          data from the recipe's train split; the model is checked on the CPU EP where no NPU is
+    built_by "llama.cpp" a GGUF for llama.cpp from the merged HF folder, by llama.cpp's converter (and quantizer);
+                         opt-in (never an --target auto candidate), validated with llama-cpp-python where installed
 
-This is the one table of targets. A target that encoders (classify-encoder, ner) build too says how in `encoder`:
+This is the one table of targets (the GGUF ones run on llama.cpp, not ONNX Runtime: their `ep` and `provider` name it). A target that encoders (classify-encoder, ner) build too says how in `encoder`:
 for them cpu-int8 is dynamic int8 (quantize_dynamic, int8 activations at run time), not the decoders' weight-only
 MatMulNBits; `get(name, kind="encoder")` gives that view.
 
@@ -48,6 +50,12 @@ TARGETS: dict[str, dict] = {
                 # missed a broken decode path once (perplexity +0.2 %, token agreement 0.03); the CPU int4 default
                 # agrees at 0.911 on chat-lora, and A16W8 must do at least as well as that bar
                 "gates": {"min_token_agreement_fp32": 0.9}},
+    # the same fine-tune for llama.cpp users (stages/quantize/gguf.py). q8_0: the converter's own Q8_0 (no compiled
+    # llama.cpp needed to build it); q4_k_m: llama.cpp's quantizer, which needs llama-cpp-python on the build host
+    "gguf-q8_0": {"provider": "llama.cpp", "ep": "llama.cpp", "precision": "q8_0", "built_by": "llama.cpp",
+                  "method": "GGUF Q8_0 (llama.cpp convert_hf_to_gguf.py --outtype q8_0)"},
+    "gguf-q4_k_m": {"provider": "llama.cpp", "ep": "llama.cpp", "precision": "q4_k_m", "built_by": "llama.cpp",
+                    "method": "GGUF Q4_K_M (llama.cpp's llama_model_quantize from an f32 GGUF)"},
 }
 
 
@@ -71,6 +79,10 @@ def get(name: str, kind: str = "decoder") -> dict:
 def host_can_validate(name: str) -> tuple[bool, str]:
     """(can validate here, on which EP or why not)."""
     t = get(name)
+    if t["built_by"] == "llama.cpp":
+        from toolchain.runtime.llamacpp import llama_cpp_version
+
+        return (True, t["ep"]) if llama_cpp_version() else (False, "llama-cpp-python not installed")
     if ep_available(t["ep"], t["provider"]):
         return True, t["ep"]
     if t.get("cpu_reference"):

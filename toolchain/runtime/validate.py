@@ -136,6 +136,10 @@ def validate(folder: Path, data: Optional[Path] = None, progress=None, lookup: i
         from toolchain.runtime.encoder import validate as validate_encoder
 
         return validate_encoder(folder, man, data, progress)
+    if man["target"].get("built_by") == "llama.cpp":  # a GGUF: llama.cpp, not ONNX Runtime
+        from toolchain.runtime.llamacpp import validate as validate_gguf
+
+        return validate_gguf(folder, man, data, progress, lookup)
     target = man["target"]
     settings = session.resolve(folder, threads)
     base = {"artifact": str(folder), "target": target["name"], "ep": target.get("ep", "CPUExecutionProvider"),

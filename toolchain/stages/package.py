@@ -6,7 +6,9 @@
                manifest.json   card, resolved recipe, package versions, input hashes, sha256 of every file,
                                stage lineage, how it was trained (method, precision, ranks, ZeRO stage),
                                reference metrics (torch base/tuned, fp32 ONNX)
-An encoder artifact (package_encoder) is model.onnx, tokenizer.json, eval.jsonl and manifest.json.
+An encoder artifact (package_encoder) is model.onnx, tokenizer.json, eval.jsonl and manifest.json. A GGUF artifact
+(package_gguf) is model-<QUANT>.gguf (weights, vocabulary, merges and chat template in one file), eval.jsonl and
+manifest.json: no genai_config.json or inference_model.json, which are onnxruntime-genai's and Foundry Local's.
 Reports (report.json, report.md, report.png) and the model card README.md (it carries the scores) are added
 after validation and are not hashed.
 """
@@ -94,6 +96,17 @@ def package_encoder(q_dir: Path, model_dir: Path, eval_rows: list[dict], out: Pa
         shutil.copy2(Path(q_dir) / ENCODER_MODEL, tmp / ENCODER_MODEL)
         shutil.copy2(Path(model_dir) / ENCODER_TOKENIZER, tmp / ENCODER_TOKENIZER)
         (tmp / EVAL_FILE).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in eval_rows))
+        _write_manifest(tmp, manifest)
+    return Path(out)
+
+
+def package_gguf(built: Path, eval_file: Path, out: Path, manifest: Manifest) -> Path:
+    """A GGUF artifact: the stage's .gguf file, the tokenized eval split (the same one the ONNX artifacts ship) and
+    the manifest, written last. llama.cpp reads the tokenizer from the GGUF itself, so no tokenizer files ship."""
+    with atomic_dir(Path(out)) as tmp:
+        for p in Path(built).glob("*.gguf"):
+            shutil.copy2(p, tmp / p.name)
+        shutil.copy2(eval_file, tmp / EVAL_FILE)
         _write_manifest(tmp, manifest)
     return Path(out)
 

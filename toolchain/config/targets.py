@@ -100,6 +100,6 @@ def listing() -> list[dict]:
         rows.append({"target": name, "ep": t["ep"], "precision": t["precision"], "built_by": t["built_by"],
                      "provider_options": t["provider_options"], "validate_here": ok,
                      "validate_on": ("CPUExecutionProvider" if how != t["ep"] else t["ep"]) if ok else None,
-                     "why": None if how == t["ep"] else f"{t['ep']} unavailable" + (": accuracy only" if ok else ""),
+                     "why": None if how == t["ep"] else (f"{t['ep']} unavailable: accuracy only" if ok else how),
                      "gates": {**t.get("gates", {})}})
     return rows

@@ -171,3 +171,22 @@ def short_recipe_file(folder: Path, name: str, **sections) -> Path:
     p = folder / f"{name}.yaml"
     p.write_text(yaml.safe_dump(rec))
     return p
+
+
+# ------------------------------------------------------------------ another CPU: qemu user-mode emulation
+QEMU = None
+if __import__("platform").machine() == "x86_64":
+    QEMU = __import__("shutil").which("qemu-x86_64")
+needs_qemu = pytest.mark.skipif(QEMU is None, reason="qemu-x86_64 not installed (Debian: apt-get install qemu-user); "
+                                "it runs Python with an AVX2-only CPUID to check artifacts hold on CPUs without VNNI")
+
+
+def run_as_cpu(cpu: str, args: list, timeout: float = 600):
+    """`python ARGS` (this interpreter, this checkout) on an emulated `cpu` (qemu -cpu: Haswell is AVX2+FMA, no
+    AVX512, no VNNI), so ONNX Runtime picks that CPU's kernels. qemu's "TCG doesn't support" warnings go to stderr."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([QEMU, "-cpu", cpu, sys.executable, *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=timeout)

@@ -197,7 +197,7 @@ def edge_encoder(src: Resolved, rec: Recipe, rec_file: Path, target: str, out: P
     from toolchain.stages.export.encoder import export
     from toolchain.stages.finetune.encoder import finetune
     from toolchain.stages.package import package_encoder, versions
-    from toolchain.stages.quantize.dynamic import quantize
+    from toolchain.stages.quantize.dynamic import SETTINGS as DYNAMIC_SETTINGS, quantize
     from toolchain.stages.reference import reference_encoder
 
     if rec.task not in TASKS:
@@ -216,7 +216,7 @@ def edge_encoder(src: Resolved, rec: Recipe, rec_file: Path, target: str, out: P
         ft.out / "model", rec.task, o, held[:16], rec.data.max_length))
     rf = st.run("reference", {"export": ex.key, "metric": rec.metric.model_dump()}, lambda o: reference_encoder(
         ex.out, ft.out / "model", rec, held, ft.summary["labels"], o))
-    q = st.run(f"quantize-{target}", {"export": ex.key, "target": target, "per_channel": True},
+    q = st.run(f"quantize-{target}", {"export": ex.key, "target": target, "settings": DYNAMIC_SETTINGS},
                lambda o: quantize(ex.out, target, o))
     figures = {"torch_base": _scores(ft.summary.get("base")), "torch_tuned": _scores(ft.summary.get("tuned")),
                "onnx_fp32": rf.summary}

@@ -37,8 +37,8 @@ PHI3_TEMPLATE = (
 PHI3_SPECIALS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
 
-def make_tiny_phi3(out: Path) -> Path:
-    """A 2-layer random Phi-3 with a small byte-level BPE tokenizer trained on the recipe's data."""
+def make_tiny_phi3(out: Path, hidden_size: int = 64, intermediate_size: int = 128) -> Path:
+    """A 2-layer random Phi-3 with a small byte-level BPE tokenizer (512 ids) trained on the recipe's data."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast
@@ -54,8 +54,8 @@ def make_tiny_phi3(out: Path) -> Path:
                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>", chat_template=PHI3_TEMPLATE,
                                   additional_special_tokens=PHI3_SPECIALS[1:])
     torch.manual_seed(0)
-    cfg = Phi3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
+    cfg = Phi3Config(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size,
+                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
                      original_max_position_embeddings=4096, rope_scaling=None, bos_token_id=tok.bos_token_id,
                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
     model = Phi3ForCausalLM(cfg)

@@ -88,6 +88,9 @@ def prepare(src: Resolved, rec: Recipe, rec_file: Path, out: Path = Path("artifa
     exporter = exporter or src.card.exporter
     ex = st.run(f"export-{exporter}", {"merged": mg.key, "exporter": exporter},
                 lambda o: export(mg.out, o, exporter=exporter, trust_remote_code=src.trust_remote_code))
+    if ex.summary.get("fallback_reason"):  # genai asked for, the builder would get this model wrong: optimum ran
+        console.print(f"[yellow]export: {ex.summary['fallback_reason']}[/yellow]")
+    exporter = ex.summary.get("exporter", exporter)
     rf = st.run("reference", {"export": ex.key, "recipe": rec.model_dump(include={"data", "metric"})},
                 lambda o: reference(ex.out, mg.out, rec, rec_file, o))
     figures = {"torch_base": _scores(ft.summary.get("base")), "torch_tuned": _scores(ft.summary.get("tuned")),

@@ -37,8 +37,8 @@ PHI3_TEMPLATE = (
 PHI3_SPECIALS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
 
-def make_tiny_phi3(out: Path) -> Path:
-    """A 2-layer random Phi-3 with a small byte-level BPE tokenizer trained on the recipe's data."""
+def make_tiny_phi3(out: Path, hidden_size: int = 64, intermediate_size: int = 128) -> Path:
+    """A 2-layer random Phi-3 with a small byte-level BPE tokenizer (512 ids) trained on the recipe's data."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast
@@ -54,8 +54,8 @@ def make_tiny_phi3(out: Path) -> Path:
                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>", chat_template=PHI3_TEMPLATE,
                                   additional_special_tokens=PHI3_SPECIALS[1:])
     torch.manual_seed(0)
-    cfg = Phi3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
+    cfg = Phi3Config(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size,
+                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
                      original_max_position_embeddings=4096, rope_scaling=None, bos_token_id=tok.bos_token_id,
                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
     model = Phi3ForCausalLM(cfg)
@@ -183,3 +183,22 @@ def short_recipe_file(folder: Path, name: str, **sections) -> Path:
     p = folder / f"{name}.yaml"
     p.write_text(yaml.safe_dump(rec))
     return p
+
+
+# ------------------------------------------------------------------ another CPU: qemu user-mode emulation
+QEMU = None
+if __import__("platform").machine() == "x86_64":
+    QEMU = __import__("shutil").which("qemu-x86_64")
+needs_qemu = pytest.mark.skipif(QEMU is None, reason="qemu-x86_64 not installed (Debian: apt-get install qemu-user); "
+                                "it runs Python with an AVX2-only CPUID to check artifacts hold on CPUs without VNNI")
+
+
+def run_as_cpu(cpu: str, args: list, timeout: float = 600):
+    """`python ARGS` (this interpreter, this checkout) on an emulated `cpu` (qemu -cpu: Haswell is AVX2+FMA, no
+    AVX512, no VNNI), so ONNX Runtime picks that CPU's kernels. qemu's "TCG doesn't support" warnings go to stderr."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([QEMU, "-cpu", cpu, sys.executable, *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=timeout)

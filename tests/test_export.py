@@ -84,3 +84,47 @@ def test_export_refuses_bad_inputs(tiny_phi3, tmp_path):
     with pytest.raises(ToolchainError, match="no config.json"):
         export(tmp_path, tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------- the builder's LM head on a vocabulary-wide projection
+@pytest.fixture(scope="module")
+def phi3_i256(tmp_path_factory):
+    """The tiny Phi-3 with intermediate 256: its packed gate_up_proj is 512 wide, as wide as the vocabulary."""
+    from conftest import make_tiny_phi3
+
+    return make_tiny_phi3(tmp_path_factory.mktemp("phi3-i256"), intermediate_size=256)
+
+
+def test_builder_lm_head_clash_is_found_from_the_config(tiny_phi3, phi3_i256, tmp_path):
+    from conftest import make_tiny_phi3
+
+    assert export_mod.builder_lm_head_clash(tiny_phi3) == []  # gate_up 256 wide, halves 128: no clash
+    assert export_mod.builder_lm_head_clash(phi3_i256)[0] == "model.layers.0.mlp.gate_up_proj (out_features 512)"
+    halves = export_mod.builder_lm_head_clash(make_tiny_phi3(tmp_path / "h128-i512", 128, 512))
+    assert halves[0] == "the gate/up halves the builder unpacks from model.layers.0.mlp.gate_up_proj (512 wide)"
+
+
+def test_genai_export_of_a_clashing_model_falls_back_to_optimum(phi3_i256, tmp_path):
+    """Reported as an AVX2-only parity failure; the builder's graph is wrong on every CPU
+    (docs/phi3-builder-avx2.md)."""
+    rep = export(phi3_i256, tmp_path / "out", exporter="genai")
+    assert rep["exporter"] == "optimum" and rep["requested_exporter"] == "genai"
+    assert "LM head from model.layers.0.mlp.gate_up_proj" in rep["fallback_reason"]
+    assert rep["parity"]["passed"] and rep["parity"]["max_abs_logit_diff"] <= 1e-5
+    assert json.loads((tmp_path / "out" / "export_report.json").read_text()) == rep
+    # The builder itself still gets it wrong: when this fails, onnxruntime-genai has fixed has_lm_head and the
+    # fallback can go.
+    raw, work = tmp_path / "raw", tmp_path / "work"
+    raw.mkdir(), work.mkdir()
+    export_mod.export_genai(phi3_i256, raw, "fp32", work, False)
+    par = export_mod.check_parity(raw, phi3_i256)
+    assert not par["passed"] and par["max_abs_logit_diff"] > 0.1
+
+
+def test_builder_targets_refuse_a_clashing_model(phi3_i256, tmp_path):
+    from toolchain.stages.quantize.builder import build
+
+    with pytest.raises(ToolchainError, match="cuda-fp16 is built by the onnxruntime-genai model builder, and the "
+                                             "onnxruntime-genai .* LM head from model.layers.0.mlp.gate_up_proj"):
+        build(phi3_i256, "cuda-fp16", tmp_path / "o")
+    assert not (tmp_path / "o").exists()

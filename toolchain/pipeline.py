@@ -108,6 +108,9 @@ def prepare(src: Resolved, rec: Recipe, rec_file: Path, out: Path = Path("artifa
     exporter = exporter or src.card.exporter
     ex = st.run(f"export-{exporter}", {"merged": mg.key, "exporter": exporter},
                 lambda o: export(mg.out, o, exporter=exporter, trust_remote_code=src.trust_remote_code))
+    if ex.summary.get("fallback_reason"):  # genai asked for, the builder would get this model wrong: optimum ran
+        console.print(f"[yellow]export: {ex.summary['fallback_reason']}[/yellow]")
+    exporter = ex.summary.get("exporter", exporter)
     rf = st.run("reference", {"export": ex.key, "recipe": rec.model_dump(include={"data", "metric"})},
                 lambda o: reference(ex.out, mg.out, rec, rec_file, o))
     figures = {"torch_base": _scores(ft.summary.get("base")), "torch_tuned": _scores(ft.summary.get("tuned")),
@@ -232,7 +235,7 @@ def edge_encoder(src: Resolved, rec: Recipe, rec_file: Path, target: str, out: P
     from toolchain.stages.export.encoder import export
     from toolchain.stages.finetune.encoder import finetune
     from toolchain.stages.package import package_encoder, versions
-    from toolchain.stages.quantize.dynamic import quantize
+    from toolchain.stages.quantize.dynamic import SETTINGS as DYNAMIC_SETTINGS, quantize
     from toolchain.stages.reference import reference_encoder
 
     if rec.task not in TASKS:
@@ -253,7 +256,7 @@ def edge_encoder(src: Resolved, rec: Recipe, rec_file: Path, target: str, out: P
         ft.out / "model", rec.task, o, held[:16], rec.data.max_length))
     rf = st.run("reference", {"export": ex.key, "metric": rec.metric.model_dump()}, lambda o: reference_encoder(
         ex.out, ft.out / "model", rec, held, ft.summary["labels"], o))
-    q = st.run(f"quantize-{target}", {"export": ex.key, "target": target, "per_channel": True},
+    q = st.run(f"quantize-{target}", {"export": ex.key, "target": target, "settings": DYNAMIC_SETTINGS},
                lambda o: quantize(ex.out, target, o))
     figures = {"torch_base": _scores(ft.summary.get("base")), "torch_tuned": _scores(ft.summary.get("tuned")),
                "onnx_fp32": rf.summary}

@@ -89,7 +89,7 @@ def markdown_encoder(rep: dict) -> str:
     m, ref = rep["measured"], rep["reference"]
     lines = [f"# {rep['target']} — {rep['artifact']}", "",
              f"Validated with ONNX Runtime and `tokenizers` ({'all gates passed' if rep['passed'] else 'GATES MISSED'}).",
-             "", "| figure | value |", "|---|---|",
+             ""] + ([f"Note: {rep['note']}.", ""] if rep.get("note") else []) + ["| figure | value |", "|---|---|",
              f"| latency per sequence p50 / p95 (ms, batch 1, tokenizer included) | {_fmt(m['latency_ms_p50'], '.2f')} / "
              f"{_fmt(m['latency_ms_p95'], '.2f')} |",
              f"| peak RSS (MB) | {_fmt(m['peak_rss_mb'], '.0f')} |", f"| model size (MB) | {_fmt(m['size_mb'], '.1f')} |",

@@ -151,6 +151,21 @@ def latency(forward, tok, rows: list[dict], task: str, runs: int = 3) -> dict:
             "sequences_per_s": 1000 / statistics.median(times)}
 
 
+def int8_host_note(h: dict, quant: dict) -> Optional[str]:
+    """The report's note when this x86 CPU has no VNNI and the artifact has dynamic int8 matmuls: there ONNX
+    Runtime's u8s8 kernel (AVX2, or AVX512 without VNNI) sums pairs of products in int16, which full-range int8
+    weights can saturate (stages/quantize/dynamic.py has the figures). None when that does not apply."""
+    x86 = h.get("machine", "").lower() in ("x86_64", "amd64")
+    if quant.get("method") != "quantize_dynamic" or h.get("vnni") or not x86:
+        return None
+    cpu = f"this CPU has no VNNI ({' '.join(h.get('isa', [])) or 'no AVX2'})"
+    if quant.get("weight_type") == "int8" and not quant.get("reduce_range"):
+        return (f"{cpu}: ONNX Runtime's int8 matmuls sum pairs in int16 here, which this artifact's full-range int8 "
+                "weights can saturate, so its figures may fall below the build host's; rebuild it with this "
+                "toolchain (7-bit weights, reduce_range)")
+    return f"{cpu}: ONNX Runtime's int8 matmuls sum pairs in int16 here; the artifact's 7-bit weights keep them exact"
+
+
 def validate(folder: Path, man: dict, data: Optional[Path] = None, progress=None) -> dict:
     """Integrity was checked by the caller (manifest.verify). Latency, then the task metric on the shipped eval
     split (or `data`), then the recipe's gates against the torch tuned figures."""
@@ -168,7 +183,9 @@ def validate(folder: Path, man: dict, data: Optional[Path] = None, progress=None
     reference = man.get("reference", {})
     gates = check_gates(rec.get("gates", {}), measured, reference, metric) if data is None else []
     target, passed = man["target"], all(g["passed"] for g in gates) if data is None else None
+    here = host.describe()
     return Report(artifact=str(folder), target=target["name"], provider="cpu", kind="encoder", metric=metric,
+                  note=int8_host_note(here, target.get("quantize") or {}),
                   status=status(passed), figures=metrics.FAMILIES[metric], validated=True,
                   data=str(data) if data else EVAL_FILE, measured=measured, reference=reference, gates=gates,
-                  passed=passed, seconds=round(time.time() - t0, 1), host=host.describe()).out()
+                  passed=passed, seconds=round(time.time() - t0, 1), host=here).out()

@@ -8,6 +8,12 @@ Two exporters, one output layout (model.onnx [+ external data], genai_config.jso
   optimum  optimum-onnx's torch.onnx export, task text-generation-with-past: standard ONNX ops, any architecture
            transformers can trace. genai_config.json is written here from the model's own input/output names.
 
+The builder makes the LM head from the first nn.Linear it meets whose out_features equals vocab_size, and meets
+the decoder layers' projections first: where one of them (or a half it unpacks from a packed gate_up or qkv) is
+vocab_size wide, its LM head reads layer 0's hidden state. `builder_lm_head_clash` finds those models from
+the config alone, and `export(exporter="genai")` exports them with optimum instead, saying why in
+export_report.json (docs/phi3-builder-avx2.md: found as an "AVX2-only" parity failure; it fails on every CPU).
+
 Parity runs the exported model the way a device does, through onnxruntime-genai: for each prompt (chat template
 applied, tokenized by onnxruntime-genai) a prefill of the whole prompt, then DECODE_STEPS greedy single-token steps
 through the KV cache. torch (fp32) then scores the same sequence in one forward pass, and every position's logits
@@ -24,6 +30,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -58,6 +65,59 @@ def check_source(model_dir: Path) -> dict:
         raise ToolchainError(f"{cfg_file}: the model is quantized ({cfg['quantization_config'].get('quant_method')}); "
                              "export the full-precision merged folder, then run the quantize stage on the ONNX model")
     return cfg
+
+
+def builder_lm_head_clash(model_dir: Path, trust_remote_code: bool = False) -> list[str]:
+    """The modules onnxruntime-genai's builder would take for the LM head instead of the model's own; [] if none.
+
+    The builder (0.15.2, builders/base.py `has_lm_head`) walks model.modules() and makes /lm_head/MatMul from the
+    first nn.Linear whose out_features == config.vocab_size, fed from the last layer norm it has made; the real
+    head's MatMul is then dropped (nodes are deduplicated by name), only its weight is kept. The walk reaches each
+    decoder layer's projections before the real head, including those the builder attaches while unpacking:
+    gate_proj/up_proj (intermediate_size) from a packed gate_up_proj, q/k/v_proj (heads x head_dim, kv_heads x
+    head_dim) from a packed qkv_proj. A random 2-layer Phi-3 with 512 ids clashes at intermediate 256 (gate_up_proj,
+    512 wide) and 512 (its halves). Found from the config on the meta device: no weights are read."""
+    import warnings
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    vocab = getattr(cfg, "vocab_size", None)
+    if not vocab:
+        return []
+    heads = getattr(cfg, "num_attention_heads", 0) or 0
+    head_dim = getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads else 0)
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+    head = model.get_output_embeddings()
+    unpacked = {"gate_up_proj": ("gate/up halves", {getattr(cfg, "intermediate_size", 0)}),
+                "dense_h_to_4h": ("gate/up halves", {getattr(cfg, "intermediate_size", 0)}),
+                "qkv_proj": ("q/k/v", {heads * head_dim, kv_heads * head_dim}),
+                "query_key_value": ("q/k/v", {heads * head_dim, kv_heads * head_dim})}
+    found = []
+    for name, m in model.named_modules():
+        if m is head or not isinstance(m, torch.nn.Linear):
+            continue
+        if m.out_features == vocab:
+            found.append(f"{name} (out_features {vocab})")
+        what, widths = unpacked.get(name.rsplit(".", 1)[-1], ("", set()))
+        if vocab in widths:
+            found.append(f"the {what} the builder unpacks from {name} ({vocab} wide)")
+    return found
+
+
+def builder_clash_reason(model_dir: Path, trust_remote_code: bool = False) -> Optional[str]:
+    """One sentence for the user when the builder would make a wrong LM head for this model, else None."""
+    clash = builder_lm_head_clash(model_dir, trust_remote_code)
+    if not clash:
+        return None
+    import onnxruntime_genai as og
+
+    more = f" and {len(clash) - 1} more" if len(clash) > 1 else ""
+    return (f"the onnxruntime-genai {og.__version__} model builder would make the LM head from {clash[0]}{more}: it "
+            f"takes the first Linear as wide as the vocabulary for the head, so its logits would be wrong")
 
 
 @contextlib.contextmanager
@@ -244,7 +304,9 @@ def check_parity(onnx_dir: Path, model_dir: Path, precision: str = "fp32", trust
 def export(model_dir: Path, out: Path, exporter: str = "genai", precision: str = "fp32",
            trust_remote_code: bool = False) -> dict:
     """Export `model_dir` (an HF folder, e.g. from `toolchain merge`) into `out`, an onnxruntime-genai folder with
-    export_report.json; raise ToolchainError, writing nothing, if the ONNX model does not match torch."""
+    export_report.json; raise ToolchainError, writing nothing, if the ONNX model does not match torch. "genai" on a
+    model the builder would give a wrong LM head (builder_lm_head_clash) exports with optimum: the report's
+    exporter says which ran, requested_exporter and fallback_reason why."""
     model_dir, out = Path(model_dir), Path(out)
     if exporter not in EXPORTERS:
         raise ToolchainError(f"unknown exporter '{exporter}'; choose one of: {', '.join(EXPORTERS)}")
@@ -252,6 +314,11 @@ def export(model_dir: Path, out: Path, exporter: str = "genai", precision: str =
         raise ToolchainError(f"export precision '{precision}' is not supported; export fp32, then run the quantize "
                              "stage for int4/int8")
     cfg = check_source(model_dir)
+    requested, fallback = exporter, None
+    if exporter == "genai":
+        fallback = builder_clash_reason(model_dir, trust_remote_code)
+        if fallback:
+            exporter = "optimum"
     t0 = time.perf_counter()
     with atomic_dir(out) as tmp, tempfile.TemporaryDirectory(prefix="toolchain-export-") as work:
         if exporter == "genai":
@@ -268,6 +335,8 @@ def export(model_dir: Path, out: Path, exporter: str = "genai", precision: str =
         report = {
             "exporter": exporter, "precision": precision, "source": str(model_dir),
             "model_type": cfg.get("model_type"), "parity": parity,
+            **({"requested_exporter": requested, "fallback_reason": f"{fallback}; exported with optimum"}
+               if fallback else {}),
             "export_s": round(export_s, 2), "wall_s": round(time.perf_counter() - t0, 2),
             "files": {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()},
             "versions": versions(),

@@ -28,7 +28,7 @@ BUILDER_OPTIONS = {"int4": ("is_symmetric=true", "block_size=32"), "fp16": ()}
 
 def build(merged_dir: Path, target: str, out: Path, trust_remote_code: bool = False) -> dict:
     """Build `target` from the HF folder into `out` (atomically); returns what was built (also build_report.json)."""
-    from toolchain.stages.export.decoder import check_source, export_genai
+    from toolchain.stages.export.decoder import builder_clash_reason, check_source, export_genai
 
     t = get(target)
     if t["built_by"] != "builder":
@@ -36,6 +36,10 @@ def build(merged_dir: Path, target: str, out: Path, trust_remote_code: bool = Fa
                              f"'{t['built_by']}')")
     merged_dir = Path(merged_dir)
     check_source(merged_dir)
+    clash = builder_clash_reason(merged_dir, trust_remote_code)
+    if clash:  # no parity check here to catch it, and no other exporter builds these targets
+        raise ToolchainError(f"{target} is built by the onnxruntime-genai model builder, and {clash} "
+                             "(docs/phi3-builder-avx2.md); build a cpu-* target, exported by optimum for this model")
     t0 = time.time()
     options = BUILDER_OPTIONS[t["precision"]]
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # one INFO line per node otherwise

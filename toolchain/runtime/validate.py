@@ -22,6 +22,7 @@ from typing import Optional
 
 from toolchain.runtime import genai, host, manifest, metrics
 from toolchain.runtime.contracts import Report
+from toolchain.runtime.errors import ToolchainError
 from toolchain.runtime.gates import check_gates, merge_gates
 from toolchain.runtime.manifest import EVAL_FILE
 from toolchain.runtime.providers import ep_available
@@ -125,6 +126,9 @@ def validate(folder: Path, data: Optional[Path] = None, progress=None, lookup: i
     the latency block adds its speed beside plain greedy's, which the gates keep reading."""
     folder = Path(folder)
     man = manifest.verify(folder)
+    if man.get("adapters"):
+        raise ToolchainError(f"{folder}: a multi-adapter artifact; validate it with toolchain.runtime.adapters.validate "
+                             "(`toolchain validate` does)")
     if man.get("model_card", {}).get("kind") == "encoder":  # ONNX + tokenizers, no GenAI folder
         from toolchain.runtime.encoder import validate as validate_encoder
 

@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from toolchain.cli import build, catalog, device
+from toolchain.cli import adapters, build, catalog, device
 from toolchain.runtime.errors import ToolchainError
 
 
@@ -19,7 +19,7 @@ def cli():
 
 
 for _cmd in (catalog.models, catalog.recipes, catalog.targets, build.finetune, build.merge, build.edge, device.validate,
-             build.export, build.quantize, catalog.scenarios):
+             build.export, build.quantize, catalog.scenarios, adapters.adapters):
     cli.add_command(_cmd)
 
 

@@ -70,14 +70,23 @@ def merge(model, adapter, out, merge_into, model_path, trust_remote_code):
 @click.option("--out", default="artifacts", show_default=True, type=click.Path())
 @click.option("--max-steps", type=int, default=None, help="Override the recipe's train.max_steps.")
 @click.option("--force", is_flag=True, help="Redo every stage even when its inputs are unchanged.")
+@click.option("--adapters", default=None, metavar="RECIPE,RECIPE",
+              help="One base, one run-time LoRA adapter per recipe (instead of --recipe): "
+                   "artifacts/<model>-adapters/<target>/.")
+@click.option("--adapter-precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="With --adapters: the adapters' weights (the base's LoRA inputs) in fp32 or fp16.")
 @launch_opts
 @path_opt
 @trust_opt
-def edge(model, recipe, target, exporter, out, max_steps, force, method, launcher, nproc, zero, nnodes, node_rank,
-         rdzv_endpoint, model_path, trust_remote_code):
+def edge(model, recipe, target, exporter, out, max_steps, force, adapters, adapter_precision, method, launcher, nproc,
+         zero, nnodes, node_rank, rdzv_endpoint, model_path, trust_remote_code):
     """The whole chain: finetune, merge, export, quantize, package, validate."""
     from toolchain.pipeline import edge as run
 
+    if adapters:
+        return edge_adapters(model, adapters, target, exporter, out, max_steps, force, adapter_precision, method,
+                             model_path, trust_remote_code,
+                             launch_spec(launcher, nproc, zero, nnodes, node_rank, rdzv_endpoint))
     rep = run(model, recipe, target=target, out=Path(out), exporter=exporter, max_steps=max_steps,
               model_path=model_path, trust_remote_code=trust_remote_code, force=force, method=method,
               launch=launch_spec(launcher, nproc, zero, nnodes, node_rank, rdzv_endpoint))
@@ -99,6 +108,21 @@ def edge(model, recipe, target, exporter, out, max_steps, force, method, launche
     console.print(f"  {h['metric']}: base torch {h['base_torch']:.3f}   tuned torch {h['tuned_torch']:.3f}   "
                   f"{rep['target']} {h['artifact_metric']:.3f}")
     gates_exit(rep)
+
+
+def edge_adapters(model, adapters, target, exporter, out, max_steps, force, adapter_precision, method, model_path,
+                  trust_remote_code, launch) -> None:
+    """`edge --adapters`: pipeline_adapters.edge_adapters, its headline, the gates' exit code."""
+    from toolchain.cli.adapters import print_headline
+    from toolchain.pipeline_adapters import edge_adapters as run
+    from toolchain.runtime.errors import ToolchainError
+
+    if exporter == "optimum" or (method and method not in ("lora", "rslora")):
+        raise ToolchainError("--adapters: the base is built by the onnxruntime-genai builder and adapters are lora or "
+                             "rslora; leave out --exporter optimum / --method " + str(method))
+    print_headline(run(model, [a.strip() for a in adapters.split(",") if a.strip()], target=target or "cpu-int4",
+                       out=Path(out), max_steps=max_steps, model_path=model_path, trust_remote_code=trust_remote_code,
+                       force=force, adapter_dtype=adapter_precision, launch=launch))
 
 
 def auto_exit(rep: dict) -> None:

@@ -17,10 +17,22 @@ from toolchain.cli.common import console, err_console, gates_exit
               help="Generate the answers with prompt-lookup decoding, drafts of up to K tokens (3 was the best of 3 and 8 "
                    "for SmolLM2 at one thread, bench/results/lookup-*.md); the report adds its speed beside "
                    "plain greedy's.")
-def validate(artifact, data, as_json, lookup):
+@click.option("--adapter", default=None, metavar="NAME",
+              help="A multi-adapter artifact: validate this adapter only (default: every adapter and the base alone).")
+def validate(artifact, data, as_json, lookup, adapter):
     """Check an artifact on this machine (torch-free): integrity, latency, accuracy, gates.
 
     Exit 0: gates passed; 1: a gate missed; 2: bad input; 3: built, not validated here (the EP is missing)."""
+    from toolchain.cli.adapters import validate_adapters
+    from toolchain.runtime.errors import ToolchainError
+    from toolchain.runtime.manifest import read
+
+    if read(Path(artifact)).get("adapters"):
+        if data:
+            raise ToolchainError("--data: a multi-adapter artifact is validated on each adapter's own split")
+        return validate_adapters(artifact, adapter, as_json, lookup)
+    if adapter:
+        raise ToolchainError(f"{artifact}: --adapter takes a multi-adapter artifact (`toolchain edge --adapters`)")
     from toolchain.runtime.metrics import FAMILIES
     from toolchain.runtime.validate import validate as run
 

@@ -304,3 +304,27 @@ def test_adapters_add_one_more_without_rebuilding_the_base(built, tmp_path, monk
     r = subprocess.run([sys.executable, "-m", "toolchain", "adapters", "add", str(copy), "--recipe", str(third)],
                        capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 2 and "already has adapter 'chat-b'" in r.stderr
+
+
+def test_fp16_adapters_beside_fp32(built, tiny_phi3):
+    """--adapter-precision fp16: stages and an artifact folder of their own beside the fp32 ones, the fine-tunes
+    reused; half the adapter bytes, and the same greedy tokens as the fp32 adapters on the same int4 base."""
+    from toolchain.pipeline_adapters import edge_adapters
+
+    root, recipes, rep32, art32 = built
+    rep = edge_adapters(str(tiny_phi3), [str(r) for r in recipes], out=root / "artifacts", adapter_dtype="fp16")
+    art = Path(rep["artifact"])
+    assert art.name == "cpu-int4-fp16" and rep["passed"]
+    assert all(rep["headline"]["stages_reused"][f"finetune-{n}"] for n in NAMES)
+    man = json.loads((art / "manifest.json").read_text())
+    assert man["base"]["adapter_dtype"] == "fp16" and all(e["dtype"] == "fp16" for e in man["adapters"].values())
+    for n in NAMES:
+        assert rep["measured"]["adapters_mb"][n] < 0.6 * rep32["measured"]["adapters_mb"][n]
+        prompts = _prompts(art, n)
+        assert _greedy(genai.load(art, adapter=n)[0], prompts) == _greedy(genai.load(art32, adapter=n)[0], prompts)
+        ppl16, ppl32 = (r["adapters"][n]["measured"]["perplexity"] for r in (rep, rep32))
+        assert ppl16 == pytest.approx(ppl32, rel=1e-3)
+    from toolchain.report import scenario_table
+
+    table = scenario_table(root / "artifacts")
+    assert table.count("chat-lora (adapter)") == 2 and "cpu-int4 shared base" in table

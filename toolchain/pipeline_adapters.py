@@ -9,7 +9,8 @@
     reference-<recipe>  the recipe's held-out split and the fp32 base's figures with that adapter
     <target>/           the artifact (runtime/adapters.py describes it), validated in its own process
 
-under artifacts/<model>-adapters/. Every stage is the engine's: an unchanged recipe reuses its fine-tune,
+under artifacts/<model>-adapters/ (with --adapter-precision fp16, the base, adapter and reference stages and the
+artifact folder take a -fp16 suffix beside the fp32 ones; the fine-tunes are shared). Every stage is the engine's: an unchanged recipe reuses its fine-tune,
 adapter and reference, an unchanged set of target modules reuses the base.
 """
 from __future__ import annotations
@@ -34,8 +35,14 @@ from toolchain.runtime.fsutil import atomic_dir, sha256_file
 from toolchain.runtime.manifest import EVAL_FILE
 
 BASE_STAGE = "base-lora"
-# onnxruntime-genai runs adapters through ONNX Runtime's LoRA inputs (OrtLoraAdapter, og.Adapters) on the EPs that
-# take CPU-backed inputs; its DirectML path does not (onnxruntime-genai's docs: "Multi-LoRA ... not supported on DML")
+
+
+def suffix(dtype: str) -> str:
+    """fp16 adapters get stages (and an artifact folder) of their own beside the fp32 ones; fine-tunes are shared."""
+    return "" if dtype == "fp32" else f"-{dtype}"
+# onnxruntime-genai feeds an adapter's parameters as ONNX Runtime LoRA inputs (OrtLoraAdapter); on DirectML it does not
+# run adapters (a known limitation of onnxruntime-genai; no DirectML on a Linux build host to show it here), so such an
+# artifact is refused rather than built broken
 UNSUPPORTED = {"dml": "onnxruntime-genai does not run LoRA adapters on DirectML (DmlExecutionProvider)"}
 
 
@@ -65,7 +72,7 @@ def _scores(scores: Optional[dict]) -> dict:
 def _base_stage(st: Stages, src: Resolved, weights: str, targets: list[str], dtype: str):
     from toolchain.stages.adapters import build_base
 
-    return st.run(BASE_STAGE, {"model": src.card.name, "weights": weights, "targets": targets, "dtype": dtype},
+    return st.run(BASE_STAGE + suffix(dtype), {"model": src.card.name, "weights": weights, "targets": targets, "dtype": dtype},
                   lambda o: build_base(src, targets, o, dtype))
 
 
@@ -83,9 +90,10 @@ def _adapter_stages(st: Stages, src: Resolved, rec, rec_file: Path, base, weight
     if launch.launcher != "none":
         ft_in["launch"] = launch.model_dump()
     ft = st.run(f"finetune-{rec.name}", ft_in, lambda o: finetune(src, rec, rec_file, o, launch=launch))
-    cv = st.run(f"adapter-{rec.name}", {"finetune": ft.key, "base": base.key, "dtype": dtype},
+    sfx = suffix(dtype)
+    cv = st.run(f"adapter-{rec.name}{sfx}", {"finetune": ft.key, "base": base.key, "dtype": dtype},
                 lambda o: convert(src, ft.out / "adapter", base.out, o, dtype))
-    rf = st.run(f"reference-{rec.name}", {"adapter": cv.key, "recipe": rec.model_dump(include={"data", "metric"})},
+    rf = st.run(f"reference-{rec.name}{sfx}", {"adapter": cv.key, "recipe": rec.model_dump(include={"data", "metric"})},
                 lambda o: reference(base.out, src.path, rec, rec_file, o, adapter=cv.out / ADAPTER_FILE))
     s = cv.summary
     entry = {"recipe": rec.model_dump(), "method": rec.method.type, "rank": s["rank"], "alpha": s["alpha"],
@@ -94,8 +102,8 @@ def _adapter_stages(st: Stages, src: Resolved, rec, rec_file: Path, base, weight
              "training": {"method": ft.summary.get("method", rec.method.type), **(ft.summary.get("train") or {})},
              "reference": {"torch_base": _scores(ft.summary.get("base")), "torch_tuned": _scores(ft.summary.get("tuned")),
                            "onnx_fp32": rf.summary},
-             "lineage": [{"stage": x, "key": o.key} for x, o in ((f"finetune-{rec.name}", ft), (f"adapter-{rec.name}", cv),
-                                                                  (f"reference-{rec.name}", rf))]}
+             "lineage": [{"stage": x, "key": o.key} for x, o in ((f"finetune-{rec.name}", ft), (f"adapter-{rec.name}{sfx}", cv),
+                                                                  (f"reference-{rec.name}{sfx}", rf))]}
     return {"adapter": cv.out / ADAPTER_FILE, "eval": rf.out / EVAL_FILE, "entry": entry,
             "keys": [ft.key, cv.key, rf.key]}
 
@@ -136,20 +144,21 @@ def edge_adapters(model: Optional[str], recipes: list[str], target: str = "cpu-i
     targets = sorted({m for rec, _ in recs for m in target_modules(src, rec)})
     base = _base_stage(st, src, weights, targets, adapter_dtype)
     spec = spec_for(target, recs[0][0].quantize)  # the first recipe's int4 settings build the shared base
-    q = st.run(f"base-{target}", {"base": base.key, "target": target, "spec": spec.model_dump()},
+    name = target + suffix(adapter_dtype)  # the artifact folder: cpu-int4, or cpu-int4-fp16 for fp16 adapters
+    q = st.run(f"base-{name}", {"base": base.key, "target": target, "spec": spec.model_dump()},
                lambda o: quantize(base.out, target, o, spec))
     built = {rec.name: _adapter_stages(st, src, rec, f, base, weights, adapter_dtype, launch) for rec, f in recs}
     desc = {**t, "name": target, "exporter": "onnxruntime-genai builder (adapter_path) + LoRA inputs",
             "quantize": q.summary, "adapter_dtype": adapter_dtype}
     manifest = Manifest(model_card=src.card.model_dump(), recipe={"name": "adapters", "adapters": list(built)},
                         target=desc, versions={}, inputs={"weights": weights}, reference={},
-                        lineage=[{"stage": s, "key": k} for s, k in ((BASE_STAGE, base.key), (f"base-{target}", q.key))],
+                        lineage=[{"stage": s, "key": k} for s, k in ((BASE_STAGE, base.key), (f"base-{name}", q.key))],
                         base={"weights": weights, "target_modules": targets, "lora_inputs": base.summary["lora_inputs"],
                               "adapter_dtype": adapter_dtype, "parity": base.summary["parity"],
                               "quantize_settings_from": recs[0][0].name})
     pkg_in = {"quantize": q.key, "adapters": {n: b["keys"] for n, b in built.items()},
               "recipes": {n: b["entry"]["recipe"] for n, b in built.items()}}
-    art = st.run(target, pkg_in, out=root / target, fn=lambda o: {
+    art = st.run(name, pkg_in, out=root / name, fn=lambda o: {
         "path": str(package_adapters(q.out, built, o, manifest))})
     return _validated(art.out, dict(st.reused))
 
@@ -264,5 +273,5 @@ def add_adapter(artifact: Path, recipe: str, max_steps: Optional[int] = None, mo
         Manifest.model_validate(man)
         (tmp / man_mod.MANIFEST).write_text(json.dumps(man, indent=2))
     # the artifact no longer is what `edge --adapters` keyed: the next one repackages it
-    (artifact.parent / "stages" / ".keys" / f"{man['target']['name']}.json").unlink(missing_ok=True)
+    (artifact.parent / "stages" / ".keys" / f"{artifact.name}.json").unlink(missing_ok=True)
     return _validated(artifact, dict(st.reused), adapter=rec.name)

@@ -121,6 +121,9 @@ def scenario_table(out: Path) -> str:
     for p in sorted(Path(out).glob("*/*/report.json")):
         rep = json.loads(p.read_text())
         man = json.loads((p.parent / "manifest.json").read_text())
+        if rep.get("adapters") is not None:  # one base, several adapters: a row per adapter
+            lines += adapter_rows(rep, man)
+            continue
         metric, ref, m = rep.get("metric", "exact_match"), rep["reference"], rep["measured"]
         base, tuned = ref.get("torch_base", {}).get(metric), ref.get("torch_tuned", {}).get(metric)
         fp32, art = ref.get("onnx_fp32", {}).get(metric), m.get(metric)
@@ -133,6 +136,26 @@ def scenario_table(out: Path) -> str:
                      f"{_fmt(base)} | {_fmt(tuned)}{'' if better else ' (not better)'} | {_fmt(fp32)} | {_fmt(art)} | "
                      f"{_fmt(ratio)} | {speed} | {gates} |")
     return "\n".join(lines)
+
+
+def adapter_rows(rep: dict, man: dict) -> list[str]:
+    """scenario_table rows of a multi-adapter artifact: each adapter on the shared base, as `recipe (adapter)`."""
+    from toolchain.runtime.metrics import LOWER_IS_BETTER
+
+    out = []
+    for name, r in sorted(rep["adapters"].items()):
+        metric, ref, m = r["metric"], r["reference"], r["measured"]
+        base, tuned = ref.get("torch_base", {}).get(metric), ref.get("torch_tuned", {}).get(metric)
+        better = isinstance(tuned, (int, float)) and isinstance(base, (int, float)) and (
+            tuned < base if metric in LOWER_IS_BETTER else tuned > base)
+        art = m.get(metric)
+        ratio = art / tuned if isinstance(art, (int, float)) and tuned else None
+        gates = "pass" if r["passed"] else "MISS " + ", ".join(g["gate"] for g in r["gates"] if not g["passed"])
+        out.append(f"| {name} (adapter) | {man['model_card']['name']} | {rep['target']} shared base | {metric} | "
+                   f"{_fmt(base)} | {_fmt(tuned)}{'' if better else ' (not better)'} | "
+                   f"{_fmt(ref.get('onnx_fp32', {}).get(metric))} | {_fmt(art)} | {_fmt(ratio)} | "
+                   f"{m['decode_tok_s_p50']:.0f} tok/s | {gates} |")
+    return out
 
 
 def auto_markdown(out: dict) -> str:

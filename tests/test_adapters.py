@@ -234,16 +234,18 @@ def test_validate_one_adapter_on_device_without_torch(built, tmp_path):
 
 
 def test_refused_before_any_work(tiny_phi3, tmp_path, monkeypatch):
-    """DML does not run adapters in onnxruntime-genai: refused, not built broken; so are methods that are not a
-    plain LoRA, and the same recipe twice. Nothing is trained for any of them."""
+    """DML does not run adapters in onnxruntime-genai: refused, not built broken; so are a QDQ target, fp32 adapters
+    for an fp16 (CUDA) base, methods that are not a plain LoRA, and the same recipe twice. Nothing is trained."""
     from toolchain.pipeline_adapters import edge_adapters
 
     monkeypatch.setattr("toolchain.stages.finetune.decoder.finetune", lambda *a, **k: pytest.fail("trained"))
     rec = tiny_recipe_file(tmp_path)
     with pytest.raises(ToolchainError, match="dml-int4: not supported: onnxruntime-genai does not run LoRA adapters"):
         edge_adapters(str(tiny_phi3), [str(rec)], target="dml-int4", out=tmp_path / "a")
-    with pytest.raises(ToolchainError, match="cuda-int4: not built yet"):
-        edge_adapters(str(tiny_phi3), [str(rec)], target="cuda-int4", out=tmp_path / "a")
+    with pytest.raises(ToolchainError, match="cuda-int4: the base computes in fp16 on cuda, so do its adapters"):
+        edge_adapters(str(tiny_phi3), [str(rec)], target="cuda-int4", out=tmp_path / "a", adapter_dtype="fp32")
+    with pytest.raises(ToolchainError, match="npu-qdq: not supported: a static QDQ graph"):
+        edge_adapters(str(tiny_phi3), [str(rec)], target="npu-qdq", out=tmp_path / "a")
     (tmp_path / "d").mkdir()
     dora = tiny_recipe_file(tmp_path / "d", method={"type": "dora", "r": 4, "alpha": 8})
     with pytest.raises(ToolchainError, match="method 'dora' cannot be a run-time adapter"):
@@ -328,3 +330,35 @@ def test_fp16_adapters_beside_fp32(built, tiny_phi3):
 
     table = scenario_table(root / "artifacts")
     assert table.count("chat-lora (adapter)") == 2 and "cpu-int4 shared base" in table
+
+
+def test_cuda_int4_adapters_build_and_their_graph_runs_on_cpu(built, tiny_phi3, tmp_path):
+    """A builder target: the base built by onnxruntime-genai's builder for CUDA at int4 with its LoRA MatMuls kept
+    fp16 (int4_nodes_to_exclude) and fed by fp16 inputs. Not validated here (no CUDA EP: exit 3), but the same graph
+    runs on the CPU EP: with no adapter it gives the plain cuda-int4 build's tokens, with an adapter the tokens of a
+    cuda-int4 build with that adapter baked in by the builder."""
+    from toolchain.pipeline_adapters import edge_adapters
+    from toolchain.stages.adapters import lora_inputs, lora_matmuls
+    from toolchain.stages.export.decoder import export_genai
+    from toolchain.stages.quantize.builder import BUILDER_OPTIONS, build
+
+    root, recipes, _, _ = built
+    rep = edge_adapters(str(tiny_phi3), [str(r) for r in recipes], target="cuda-int4", out=root / "artifacts")
+    art = Path(rep["artifact"])
+    assert rep["status"] == "not_validated" and "CUDAExecutionProvider unavailable" in rep["reason"]
+    assert all(rep["headline"]["stages_reused"][f"finetune-{n}"] for n in NAMES)
+    man = json.loads((art / "manifest.json").read_text())
+    assert man["target"]["provider_options"] == {"enable_cuda_graph": "0"} and man["base"]["adapter_dtype"] == "fp16"
+    ins = lora_inputs(art / "model.onnx")
+    assert len(ins) == 28 and {v["dtype"] for v in ins.values()} == {"float16"} and len(lora_matmuls(art / "model.onnx")) == 28
+    assert man["target"]["quantize"]["ops"]["MatMulNBits"] > 0
+    r = subprocess.run([sys.executable, "-m", "toolchain", "validate", str(art)], capture_output=True, text=True)
+    assert r.returncode == 3 and "not validated on this host" in r.stderr
+    prompts = _prompts(art, "classify")[:4]
+    build(tiny_phi3, "cuda-int4", tmp_path / "plain")
+    assert _greedy(genai.load(art)[0], prompts) == _greedy(genai.load(tmp_path / "plain")[0], prompts)
+    adapter = root / "artifacts" / "tiny-phi30-adapters" / "stages" / "finetune-classify" / "adapter"
+    exclude = ",".join(lora_matmuls(art / "model.onnx"))
+    export_genai(tiny_phi3, tmp_path / "baked", "int4", tmp_path, False, "cuda",
+                 BUILDER_OPTIONS["int4"] + (f"adapter_path={adapter}", f"int4_nodes_to_exclude={exclude}"))
+    assert _greedy(genai.load(art, adapter="classify")[0], prompts) == _greedy(genai.load(tmp_path / "baked")[0], prompts)

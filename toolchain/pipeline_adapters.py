@@ -40,24 +40,31 @@ BASE_STAGE = "base-lora"
 def suffix(dtype: str) -> str:
     """fp16 adapters get stages (and an artifact folder) of their own beside the fp32 ones; fine-tunes are shared."""
     return "" if dtype == "fp32" else f"-{dtype}"
+
+
 # onnxruntime-genai feeds an adapter's parameters as ONNX Runtime LoRA inputs (OrtLoraAdapter); on DirectML it does not
 # run adapters (a known limitation of onnxruntime-genai; no DirectML on a Linux build host to show it here), so such an
 # artifact is refused rather than built broken
 UNSUPPORTED = {"dml": "onnxruntime-genai does not run LoRA adapters on DirectML (DmlExecutionProvider)"}
 
 
-def check_target(target: str) -> dict:
-    """The target, or a clear refusal: adapters ride on targets the quantize stage builds from the fp32 base."""
+def check_target(target: str, adapter_dtype: Optional[str]) -> tuple[dict, str]:
+    """The target and its adapters' precision, or a clear refusal. CPU targets are quantized from the fp32 base
+    (fp32 adapters unless fp16 is asked for); builder targets (CUDA, WebGPU) compute in fp16, their adapters too."""
     t = targets_mod.get(target)
     if t["provider"] in UNSUPPORTED:
         raise ToolchainError(f"--adapters with {target}: not supported: {UNSUPPORTED[t['provider']]}. Build one merged "
                              f"artifact per recipe for {target} (toolchain edge --recipe R --target {target}), or "
                              "use --adapters with cpu-int4")
-    if t["built_by"] != "quantize":
-        raise ToolchainError(f"--adapters with {target}: not built yet: the onnxruntime-genai builder quantizes a "
-                             f"LoRA path into the graph at {t['precision']} (not swappable); --adapters builds "
-                             "cpu-int4, cpu-int8 or cpu-fp32")
-    return t
+    if t["built_by"] not in ("quantize", "builder"):
+        raise ToolchainError(f"--adapters with {target}: not supported: a static QDQ graph (built_by {t['built_by']}) "
+                             "has no float LoRA path to feed; use cpu-int4")
+    if t["built_by"] == "builder":
+        if adapter_dtype not in (None, "fp16"):
+            raise ToolchainError(f"--adapters with {target}: the base computes in fp16 on {t['provider']}, so do its "
+                                 "adapters; use --adapter-precision fp16 (or leave it out)")
+        return t, "fp16"
+    return t, adapter_dtype or "fp32"
 
 
 def weights_hash(src: Resolved) -> str:
@@ -126,12 +133,12 @@ def _recipes(names: list[str], max_steps: Optional[int]):
 
 def edge_adapters(model: Optional[str], recipes: list[str], target: str = "cpu-int4", out: Path = Path("artifacts"),
                   max_steps: Optional[int] = None, model_path: Optional[str] = None, trust_remote_code: bool = False,
-                  force: bool = False, adapter_dtype: str = "fp32", launch: Launch = Launch()) -> dict:
-    """Build and validate artifacts/<model>-adapters/<target>/: one base, one .onnx_adapter per recipe."""
+                  force: bool = False, adapter_dtype: Optional[str] = None, launch: Launch = Launch()) -> dict:
+    """Build and validate artifacts/<model>-adapters/<target>/: one base, one .onnx_adapter per recipe.
+    adapter_dtype: fp32 or fp16 (default: fp32 on CPU targets, fp16 on builder targets, the only choice there)."""
     from toolchain.stages.adapters import DTYPES, package_adapters, target_modules
-    from toolchain.stages.quantize.nbits import quantize, spec_for
 
-    t = check_target(target)
+    t, adapter_dtype = check_target(target, adapter_dtype)
     if adapter_dtype not in DTYPES:
         raise ToolchainError(f"--adapter-precision {adapter_dtype}: choose {' or '.join(DTYPES)}")
     recs = _recipes(recipes, max_steps)
@@ -142,17 +149,17 @@ def edge_adapters(model: Optional[str], recipes: list[str], target: str = "cpu-i
     st = Stages(root, force)
     weights = weights_hash(src)
     targets = sorted({m for rec, _ in recs for m in target_modules(src, rec)})
-    base = _base_stage(st, src, weights, targets, adapter_dtype)
-    spec = spec_for(target, recs[0][0].quantize)  # the first recipe's int4 settings build the shared base
-    name = target + suffix(adapter_dtype)  # the artifact folder: cpu-int4, or cpu-int4-fp16 for fp16 adapters
-    q = st.run(f"base-{name}", {"base": base.key, "target": target, "spec": spec.model_dump()},
-               lambda o: quantize(base.out, target, o, spec))
+    base = _base_stage(st, src, weights, targets, adapter_dtype)  # fp32 graph: references, parity, the CPU targets
+    name, q = _target_base(st, src, t, recs[0][0], base, weights, targets, adapter_dtype)
     built = {rec.name: _adapter_stages(st, src, rec, f, base, weights, adapter_dtype, launch) for rec, f in recs}
     desc = {**t, "name": target, "exporter": "onnxruntime-genai builder (adapter_path) + LoRA inputs",
             "quantize": q.summary, "adapter_dtype": adapter_dtype}
+    if t["built_by"] == "builder":
+        desc["provider_options"] = {k: v for e in q.summary["genai_provider_options"] for k, v in e.get(t["provider"], {}).items()}
     manifest = Manifest(model_card=src.card.model_dump(), recipe={"name": "adapters", "adapters": list(built)},
                         target=desc, versions={}, inputs={"weights": weights}, reference={},
-                        lineage=[{"stage": s, "key": k} for s, k in ((BASE_STAGE, base.key), (f"base-{name}", q.key))],
+                        lineage=[{"stage": s, "key": k} for s, k in ((BASE_STAGE + suffix(adapter_dtype), base.key),
+                                                                     (f"base-{name}", q.key))],
                         base={"weights": weights, "target_modules": targets, "lora_inputs": base.summary["lora_inputs"],
                               "adapter_dtype": adapter_dtype, "parity": base.summary["parity"],
                               "quantize_settings_from": recs[0][0].name})
@@ -161,6 +168,26 @@ def edge_adapters(model: Optional[str], recipes: list[str], target: str = "cpu-i
     art = st.run(name, pkg_in, out=root / name, fn=lambda o: {
         "path": str(package_adapters(q.out, built, o, manifest))})
     return _validated(art.out, dict(st.reused))
+
+
+def _target_base(st: Stages, src: Resolved, t: dict, first, base, weights: str, targets: list[str], dtype: str):
+    """(artifact folder name, the stage of the shipped base): quantized from the fp32 base for a CPU target (with the
+    first recipe's int4 settings), built by onnxruntime-genai's builder for a CUDA or WebGPU one."""
+    if t["built_by"] == "builder":
+        from toolchain.stages.adapters import MODEL, build_base_for, lora_matmuls
+        from toolchain.stages.quantize.builder import BUILDER_OPTIONS
+
+        exclude = lora_matmuls(base.out / MODEL)
+        q = st.run(f"base-{t['name']}", {"model": src.card.name, "weights": weights, "targets": targets,
+                                          "target": t["name"], "options": BUILDER_OPTIONS[t["precision"]]},
+                   lambda o: build_base_for(src, targets, t["name"], exclude, o))
+        return t["name"], q
+    from toolchain.stages.quantize.nbits import quantize, spec_for
+
+    spec = spec_for(t["name"], first.quantize)
+    name = t["name"] + suffix(dtype)  # the artifact folder: cpu-int4, or cpu-int4-fp16 for fp16 adapters
+    return name, st.run(f"base-{name}", {"base": base.key, "target": t["name"], "spec": spec.model_dump()},
+                        lambda o: quantize(base.out, t["name"], o, spec))
 
 
 def _validated(art: Path, reused: dict, adapter: Optional[str] = None) -> dict:

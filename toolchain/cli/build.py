@@ -73,8 +73,9 @@ def merge(model, adapter, out, merge_into, model_path, trust_remote_code):
 @click.option("--adapters", default=None, metavar="RECIPE,RECIPE",
               help="One base, one run-time LoRA adapter per recipe (instead of --recipe): "
                    "artifacts/<model>-adapters/<target>/.")
-@click.option("--adapter-precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-              help="With --adapters: the adapters' weights (the base's LoRA inputs) in fp32 or fp16.")
+@click.option("--adapter-precision", type=click.Choice(["fp32", "fp16"]), default=None,
+              help="With --adapters: the adapters' weights (the base's LoRA inputs) in fp32 or fp16 (default: fp32 on "
+                   "CPU targets; CUDA and WebGPU take fp16 only).")
 @launch_opts
 @path_opt
 @trust_opt

@@ -92,26 +92,77 @@ def lora_inputs(onnx_file: Path) -> dict[str, dict]:
 
 def _as_inputs(model, dtype: str) -> int:
     """Every LoRA initializer becomes a graph input of dynamic rank with an empty default of the same name (ONNX:
-    an initializer named like an input is that input's default). fp16: the input is fp16, cast to fp32 in the graph."""
+    an initializer named like an input is that input's default). fp16 inputs in an fp32 graph are cast to fp32 in
+    the graph; an fp16 graph (the builder's CUDA and WebGPU models) takes fp16 adapters only."""
     from onnx import TensorProto, helper, numpy_helper
 
     g = model.graph
     elem = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16}[dtype]
     n = 0
     for init in [i for i in g.initializer if _is_lora(i.name)]:
+        if init.data_type not in (elem, TensorProto.FLOAT):
+            raise ToolchainError(f"this base computes its LoRA path in {TensorProto.DataType.Name(init.data_type)}: "
+                                 f"its adapters are fp16 (--adapter-precision fp16), not {dtype}")
+        cast = init.data_type != elem  # fp16 inputs, fp32 graph
         a = ".lora_A." in init.name
         k, m = init.dims
         g.initializer.remove(init)
         g.initializer.append(numpy_helper.from_array(np.zeros((k, 0) if a else (0, m), DTYPES[dtype]), init.name))
         g.input.append(helper.make_tensor_value_info(init.name, elem, [k, RANK] if a else [RANK, m]))
-        if dtype == "fp16":
-            cast = f"{init.name}/Cast_fp32"
+        if cast:
+            to_fp32 = f"{init.name}/Cast_fp32"
             for node in g.node:
-                node.input[:] = [cast if x == init.name else x for x in node.input]
-            g.node.insert(0, helper.make_node("Cast", [init.name], [cast], name=f"/lora_inputs/{init.name}/Cast",
+                node.input[:] = [to_fp32 if x == init.name else x for x in node.input]
+            g.node.insert(0, helper.make_node("Cast", [init.name], [to_fp32], name=f"/lora_inputs/{init.name}/Cast",
                                               to=TensorProto.FLOAT))
         n += 1
     return n
+
+
+def lora_matmuls(onnx_file: Path) -> list[str]:
+    """The MatMul nodes of a base's LoRA paths (those fed by a LoRA input, directly or through its Cast)."""
+    import onnx
+
+    m = onnx.load(str(onnx_file), load_external_data=False)
+    fed = {i.name for i in m.graph.input if _is_lora(i.name)}
+    fed |= {o for n in m.graph.node if n.op_type == "Cast" and n.input[0] in fed for o in n.output}
+    return [n.name for n in m.graph.node if n.op_type == "MatMul" and n.input[1] in fed]
+
+
+def build_base_for(src: Resolved, targets: list[str], target: str, exclude: list[str], out: Path) -> dict:
+    """A builder target's base (cuda-fp16, cuda-int4, webgpu-int4) with LoRA inputs: onnxruntime-genai's builder at
+    the target's precision and EP on the template adapter, the LoRA MatMuls (`exclude`, from the fp32 base) kept
+    out of int4 (int4_nodes_to_exclude) so they stay in the model's float type (fp16), then made inputs as in
+    build_base. Built on any host; only a host with the EP runs it."""
+    import onnx
+    from collections import Counter
+
+    from toolchain.config.targets import get
+    from toolchain.stages.export.decoder import export_genai
+    from toolchain.stages.quantize.builder import BUILDER_OPTIONS
+
+    t = get(target)
+    options = BUILDER_OPTIONS[t["precision"]] + ((f"int4_nodes_to_exclude={','.join(exclude)}",) if t["precision"] == "int4" else ())
+    t0 = time.time()
+    with atomic_dir(Path(out)) as tmp, tempfile.TemporaryDirectory(prefix="toolchain-lora-base-") as work:
+        template = _template(src, targets, Path(work) / "template")
+        export_genai(src.path, tmp, t["precision"], Path(work), src.trust_remote_code, t["provider"],
+                     options + (f"adapter_path={template}",))
+        model = onnx.load(str(tmp / MODEL))
+        n = _as_inputs(model, "fp16")
+        for p in tmp.glob(MODEL + "*"):
+            p.unlink()
+        onnx.save(model, str(tmp / MODEL), save_as_external_data=True, location=MODEL + ".data")
+        so = json.loads((tmp / "genai_config.json").read_text())["model"]["decoder"]["session_options"]
+        ops = Counter(x.op_type for x in model.graph.node)
+        report = {"target": target, "builder_options": [o for o in options if not o.startswith("int4_nodes")],
+                  "lora_matmuls_left_float": len(exclude), "lora_inputs": n, "adapter_dtype": "fp16",
+                  "genai_provider_options": so.get("provider_options", []),
+                  "ops": {k: ops[k] for k in ("MatMulNBits", "GatherBlockQuantized", "GroupQueryAttention", "MatMul") if ops[k]},
+                  "seconds": round(time.time() - t0, 1),
+                  "size_mb": round(sum(p.stat().st_size for p in tmp.glob(MODEL + "*")) / 1e6, 2)}
+        (tmp / "quantize_report.json").write_text(json.dumps(report, indent=2))
+    return report
 
 
 def build_base(src: Resolved, targets: list[str], out: Path, dtype: str = "fp32") -> dict:

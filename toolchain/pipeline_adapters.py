@@ -115,12 +115,12 @@ def _adapter_stages(st: Stages, src: Resolved, rec, rec_file: Path, base, weight
             "keys": [ft.key, cv.key, rf.key]}
 
 
-def _recipes(names: list[str], max_steps: Optional[int]):
+def _recipes(names: list[str], max_steps: Optional[int], method: Optional[str] = None):
     from toolchain.stages.adapters import check_recipe
 
     if not names:
         raise ToolchainError("--adapters: name at least one recipe (e.g. --adapters chat-lora,classify)")
-    out = [load_recipe(n, max_steps=max_steps) for n in names]
+    out = [load_recipe(n, max_steps=max_steps, method=method) for n in names]
     seen = {}
     for (rec, f), n in zip(out, names):
         if rec.name in seen:
@@ -133,7 +133,8 @@ def _recipes(names: list[str], max_steps: Optional[int]):
 
 def edge_adapters(model: Optional[str], recipes: list[str], target: str = "cpu-int4", out: Path = Path("artifacts"),
                   max_steps: Optional[int] = None, model_path: Optional[str] = None, trust_remote_code: bool = False,
-                  force: bool = False, adapter_dtype: Optional[str] = None, launch: Launch = Launch()) -> dict:
+                  force: bool = False, adapter_dtype: Optional[str] = None, launch: Launch = Launch(),
+                  method: Optional[str] = None) -> dict:
     """Build and validate artifacts/<model>-adapters/<target>/: one base, one .onnx_adapter per recipe.
     adapter_dtype: fp32 or fp16 (default: fp32 on CPU targets, fp16 on builder targets, the only choice there)."""
     from toolchain.stages.adapters import DTYPES, package_adapters, target_modules
@@ -141,7 +142,7 @@ def edge_adapters(model: Optional[str], recipes: list[str], target: str = "cpu-i
     t, adapter_dtype = check_target(target, adapter_dtype)
     if adapter_dtype not in DTYPES:
         raise ToolchainError(f"--adapter-precision {adapter_dtype}: choose {' or '.join(DTYPES)}")
-    recs = _recipes(recipes, max_steps)
+    recs = _recipes(recipes, max_steps, method)
     src = resolve(model or recs[0][0].model, model_path, trust_remote_code)  # fails fast, before any work
     if src.card.kind == "encoder":
         raise ToolchainError(f"model '{src.card.name}' is an encoder; --adapters builds decoders")
@@ -254,7 +255,7 @@ def markdown(rep: dict) -> str:
 
 def add_adapter(artifact: Path, recipe: str, max_steps: Optional[int] = None, model: Optional[str] = None,
                 model_path: Optional[str] = None, trust_remote_code: bool = False, force: bool = False,
-                launch: Launch = Launch()) -> dict:
+                launch: Launch = Launch(), method: Optional[str] = None) -> dict:
     """Train, convert and validate one more adapter for an existing multi-adapter artifact; the shipped base is not
     rebuilt (its files are copied unchanged), and a base other than the artifact's (by weights hash) is refused."""
     from toolchain.stages.adapters import MODEL, lora_inputs, target_modules
@@ -269,7 +270,7 @@ def add_adapter(artifact: Path, recipe: str, max_steps: Optional[int] = None, mo
         raise ToolchainError(f"{artifact}: its base weights are {man['base']['weights']}, {src.path} hashes to {weights}: "
                              "an adapter trained on another base computes nonsense on this one; pass the artifact's "
                              f"base (--model / --model-path; it was built from {card['name']})")
-    (rec, rec_file), = _recipes([recipe], max_steps)
+    (rec, rec_file), = _recipes([recipe], max_steps, method)
     if rec.name in have:
         raise ToolchainError(f"{artifact}: it already has adapter '{rec.name}'; rebuild the artifact with "
                              "`toolchain edge --adapters ...` to replace one")

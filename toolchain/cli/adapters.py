@@ -64,10 +64,8 @@ def add(artifact, recipe, model, max_steps, force, method, launcher, nproc, zero
     rebuilding its base; a base with other weights than the artifact's is refused."""
     from toolchain.pipeline_adapters import add_adapter
 
-    if method and method not in ("lora", "rslora"):
-        raise click.BadParameter("an adapter is lora or rslora", param_hint="--method")
     rep = add_adapter(Path(artifact), recipe, max_steps=max_steps, model=model, model_path=model_path,
-                      trust_remote_code=trust_remote_code, force=force,
+                      trust_remote_code=trust_remote_code, force=force, method=method,
                       launch=launch_spec(launcher, nproc, zero, nnodes, node_rank, rdzv_endpoint))
     print_headline(rep)
 

@@ -118,12 +118,12 @@ def edge_adapters(model, adapters, target, exporter, out, max_steps, force, adap
     from toolchain.pipeline_adapters import edge_adapters as run
     from toolchain.runtime.errors import ToolchainError
 
-    if exporter == "optimum" or (method and method not in ("lora", "rslora")):
-        raise ToolchainError("--adapters: the base is built by the onnxruntime-genai builder and adapters are lora or "
-                             "rslora; leave out --exporter optimum / --method " + str(method))
+    if exporter == "optimum":
+        raise ToolchainError("--adapters: the shared base is built by the onnxruntime-genai builder; leave out "
+                             "--exporter optimum")
     print_headline(run(model, [a.strip() for a in adapters.split(",") if a.strip()], target=target or "cpu-int4",
                        out=Path(out), max_steps=max_steps, model_path=model_path, trust_remote_code=trust_remote_code,
-                       force=force, adapter_dtype=adapter_precision, launch=launch))
+                       force=force, adapter_dtype=adapter_precision, launch=launch, method=method))
 
 
 def auto_exit(rep: dict) -> None:

@@ -9,7 +9,9 @@ adapter converted to ONNX Runtime's adapter format (.onnx_adapter, onnxruntime.A
               fp32 on a template adapter (rank 1, the target modules, nothing trained), and every A and B becomes a
               graph input with a dynamic rank `lora_r` and an empty default (rank 0: the LoRA path adds zeros), as
               Olive's ExtractAdapters pass does. The base alone runs as the plain base (checked against torch), and
-              the quantize stage (quantize/nbits.py) leaves MatMuls fed at run time in float.
+              the quantize stage (quantize/nbits.py) leaves MatMuls fed at run time in float. For a builder
+              target (CUDA, WebGPU) the builder runs at the target's precision with the LoRA MatMuls in
+              int4_nodes_to_exclude, so the LoRA path stays in the model's fp16 (build_base_for).
     convert   the recipe's PEFT weights mapped onto the base's LoRA inputs in the builder's layout (A as [in, r],
               B scaled and as [r, out], packed projections split), written as fp32 or fp16 (the base's LoRA inputs
               are one or the other: an fp16 input is cast to fp32 in the graph), and checked: the ONNX base with

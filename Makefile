@@ -12,11 +12,13 @@ MAX_STEPS ?=
 DATA      ?=
 EVAL_DATA ?=
 SET       ?=
+ADAPTERS  ?=
 NPROC     ?=
 ZERO      ?= 2
 EDGE_ARGS := $(if $(MODEL),--model $(MODEL)) $(if $(TARGET),--target $(TARGET)) $(if $(MODEL_PATH),--model-path $(MODEL_PATH)) \
              $(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) $(if $(NPROC),--launcher deepspeed --nproc $(NPROC) --zero $(ZERO)) \
              $(if $(DATA),--data $(DATA)) $(if $(EVAL_DATA),--eval-data $(EVAL_DATA)) $(foreach s,$(SET),--set $(s))
+             $(if $(ADAPTERS),--adapters $(ADAPTERS))
 STAMP     := $(VENV)/.setup-stamp
 # make bench: llama-cpp-python (the `bench` extra) is built once from the registry's source distribution for this
 # CPU (several minutes on 2 cores) into an ignored wheel cache, then installed; CI never needs it.

@@ -169,6 +169,9 @@ def scenario_rows(out: Path) -> list[dict]:
     for p in sorted(Path(out).glob("*/*/report.json")):
         rep = json.loads(p.read_text())
         man = json.loads((p.parent / "manifest.json").read_text())
+        if rep.get("adapters") is not None:  # one base, several adapters: a row per adapter
+            rows += adapter_rows(rep, man)
+            continue
         metric, ref, m = rep.get("metric", "exact_match"), rep["reference"], rep["measured"]
         base, tuned = ref.get("torch_base", {}).get(metric), ref.get("torch_tuned", {}).get(metric)
         art = m.get(metric)
@@ -198,6 +201,26 @@ def scenario_table(rows: list[dict]) -> str:
                      f"{_fmt(r['onnx_fp32'])} | {_fmt(r['artifact'])} | {_fmt(r['artifact_over_tuned'])} | {speed} | "
                      f"{gates} |")
     return "\n".join(lines)
+
+
+def adapter_rows(rep: dict, man: dict) -> list[dict]:
+    """scenario_rows of a multi-adapter artifact: each adapter on the shared base, as `recipe (adapter)`."""
+    from toolchain.runtime.metrics import LOWER_IS_BETTER
+
+    out = []
+    for name, r in sorted(rep["adapters"].items()):
+        metric, ref, m = r["metric"], r["reference"], r["measured"]
+        base, tuned = ref.get("torch_base", {}).get(metric), ref.get("torch_tuned", {}).get(metric)
+        art = m.get(metric)
+        out.append({"recipe": f"{name} (adapter)", "model": man["model_card"]["name"],
+                    "target": f"{rep['target']} shared base", "metric": metric, "base_torch": base, "tuned_torch": tuned,
+                    "tuned_better": None if base is None or tuned is None else
+                    (tuned < base) if metric in LOWER_IS_BETTER else (tuned > base),
+                    "onnx_fp32": ref.get("onnx_fp32", {}).get(metric), "artifact": art,
+                    "artifact_over_tuned": art / tuned if isinstance(art, (int, float)) and tuned else None,
+                    "speed": m.get("decode_tok_s_p50"), "speed_unit": "decode tok/s p50", "status": r.get("status"),
+                    "passed": r.get("passed"), "missed": [g["gate"] for g in r["gates"] if not g["passed"]]})
+    return out
 
 
 def auto_markdown(out: dict) -> str:

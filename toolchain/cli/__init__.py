@@ -13,7 +13,7 @@ import traceback
 import click
 
 from toolchain import VERSION
-from toolchain.cli import build, catalog, chat, common, device
+from toolchain.cli import adapters, build, catalog, chat, common, device
 from toolchain.runtime.errors import ToolchainError
 
 
@@ -38,7 +38,8 @@ def cli(quiet, verbose, debug):
 
 
 for _cmd in (catalog.models, catalog.recipes, catalog.targets, build.finetune, build.merge, build.edge, device.validate,
-             build.export, build.quantize, catalog.scenarios, device.tune, chat.chat, chat.generate):
+             build.export, build.quantize, catalog.scenarios, device.tune, chat.chat, chat.generate,
+             adapters.adapters):
     cli.add_command(_cmd)
 
 

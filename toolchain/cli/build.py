@@ -98,7 +98,7 @@ def merge(model, adapter, out, merge_into, model_path, trust_remote_code, as_jso
 @click.command(epilog="""\b
 Examples:
   toolchain edge                                   chat-lora on its model, to artifacts/…/cpu-int4
-  toolchain edge --recipe extract-json --target cpu-int8
+  toolchain edge --recipe classify --target cpu-int8
   toolchain edge --recipe chat-lora --target auto  the smallest variant that meets every gate
   toolchain -q edge --json > report.json           the report with its headline, for CI""")
 @click.option("--model", default=None, help="A model card name or local folder (default: the recipe's model).")
@@ -111,18 +111,29 @@ Examples:
 @click.option("--max-steps", type=int, default=None, help="Override the recipe's train.max_steps.")
 @data_opts
 @click.option("--force", is_flag=True, help="Redo every stage even when its inputs are unchanged.")
+@click.option("--adapters", default=None, metavar="RECIPE,RECIPE",
+              help="One base, one run-time LoRA adapter per recipe (instead of --recipe): "
+                   "artifacts/<model>-adapters/<target>/.")
+@click.option("--adapter-precision", type=click.Choice(["fp32", "fp16"]), default=None,
+              help="With --adapters: the adapters' weights (the base's LoRA inputs) in fp32 or fp16 (default: fp32 on "
+                   "CPU targets; CUDA and WebGPU take fp16 only).")
 @launch_opts
 @path_opt
 @trust_opt
 @json_opt
-def edge(model, recipe, target, exporter, out, max_steps, data, eval_data, sets, force, method, launcher, nproc, zero,
-         nnodes, node_rank, rdzv_endpoint, model_path, trust_remote_code, as_json):
+def edge(model, recipe, target, exporter, out, max_steps, data, eval_data, sets, force, adapters, adapter_precision,
+         method, launcher, nproc, zero, nnodes, node_rank, rdzv_endpoint, model_path, trust_remote_code, as_json):
     """The whole chain: finetune, merge, export, quantize, package, validate.
 
     With --data the recipe trains on your own JSONL (chat, prompt/completion or text rows, runtime/rows.py); --set
-    changes any recipe key for this run (the manifest records the overrides)."""
+    changes any recipe key for this run (the manifest records the overrides). With --adapters, one base and one
+    run-time LoRA adapter per recipe."""
     from toolchain.pipeline import edge as run
 
+    if adapters:
+        return edge_adapters(model, adapters, target, exporter, out, max_steps, force, adapter_precision, method,
+                             model_path, trust_remote_code,
+                             launch_spec(launcher, nproc, zero, nnodes, node_rank, rdzv_endpoint))
     rep = run(model, recipe, target=target, out=Path(out), exporter=exporter, max_steps=max_steps,
               model_path=model_path, trust_remote_code=trust_remote_code, force=force, method=method,
               data=data, eval_data=eval_data, sets=sets,
@@ -161,6 +172,21 @@ def _cost(name: str, c: dict) -> str:
         return f"{name} reused"
     rss = f" {c['peak_rss_mb'] / 1024:.1f} GB" if c.get("peak_rss_mb") else ""
     return f"{name} {c.get('seconds') or 0:.0f} s{rss}"
+
+
+def edge_adapters(model, adapters, target, exporter, out, max_steps, force, adapter_precision, method, model_path,
+                  trust_remote_code, launch) -> None:
+    """`edge --adapters`: pipeline_adapters.edge_adapters, its headline, the gates' exit code."""
+    from toolchain.cli.adapters import print_headline
+    from toolchain.pipeline_adapters import edge_adapters as run
+    from toolchain.runtime.errors import ToolchainError
+
+    if exporter == "optimum":
+        raise ToolchainError("--adapters: the shared base is built by the onnxruntime-genai builder; leave out "
+                             "--exporter optimum")
+    print_headline(run(model, [a.strip() for a in adapters.split(",") if a.strip()], target=target or "cpu-int4",
+                       out=Path(out), max_steps=max_steps, model_path=model_path, trust_remote_code=trust_remote_code,
+                       force=force, adapter_dtype=adapter_precision, launch=launch, method=method))
 
 
 def auto_exit(rep: dict) -> None:

@@ -26,13 +26,26 @@ Examples:
 @click.option("--report-out", type=click.Path(dir_okay=False), default=None, metavar="PATH",
               help="Also write the report (JSON) here. With --data the only place it is written: the artifact's "
                    "packaged reports stay as they are.")
-def validate(artifact, data, as_json, lookup, threads, report_out):
+@click.option("--adapter", default=None, metavar="NAME",
+              help="A multi-adapter artifact: validate this adapter only (default: every adapter and the base alone).")
+def validate(artifact, data, as_json, lookup, threads, report_out, adapter):
     """Check an artifact on this machine (torch-free): integrity, latency, accuracy, gates; rewrite its report.json
-    and report.md (report.png where matplotlib is installed).
+    and report.md (report.png where matplotlib is installed). A multi-adapter artifact: every adapter against its own
+    recipe's gates, and the base alone (or --adapter NAME).
 
     With --data: score your own JSONL with no gates (status "scored"), writing nothing into the artifact.
     Exit 0: gates passed, or scored; 1: a gate missed; 2: bad input; 3: built, not validated here (the EP is
     missing)."""
+    from toolchain.cli.adapters import validate_adapters
+    from toolchain.runtime.errors import ToolchainError
+    from toolchain.runtime.manifest import read
+
+    if read(Path(artifact)).get("adapters"):
+        if data:
+            raise ToolchainError("--data: a multi-adapter artifact is validated on each adapter's own split")
+        return validate_adapters(artifact, adapter, as_json, lookup)
+    if adapter:
+        raise ToolchainError(f"{artifact}: --adapter takes a multi-adapter artifact (`toolchain edge --adapters`)")
     from toolchain.runtime.validate import validate as run
 
     with progress("validate") as (say, count):
@@ -57,8 +70,6 @@ def validate(artifact, data, as_json, lookup, threads, report_out):
     elif rep.get("validated", True):
         _summary(rep)
     gates_exit(rep, err_console if as_json else console)
-
-
 
 
 def _summary(rep: dict) -> None:

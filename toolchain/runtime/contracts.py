@@ -41,6 +41,10 @@ class Manifest(_Strict):
     reference: dict[str, Any]  # torch_base, torch_tuned, onnx_fp32 figures
     encoder: Optional[dict[str, Any]] = None  # task, labels, max_length (encoder artifacts only)
     overrides: Optional[list[str]] = None  # the command line's changes to the recipe file (--data, --set ...), KEY=VALUE
+    # multi-adapter artifacts only (runtime/adapters.py): the shared base, and per adapter its recipe, rank, file,
+    # sha256, the base weights it was trained on and its reference figures
+    base: Optional[dict[str, Any]] = None
+    adapters: Optional[dict[str, dict[str, Any]]] = None
     files: dict[str, str] = Field(default_factory=dict)  # relative path -> sha256
 
 
@@ -72,6 +76,10 @@ class Report(_Strict):
     note: Optional[str] = None
     gates_not_applicable: Optional[list[str]] = None
     headline: Optional[dict[str, Any]] = None  # added by `toolchain edge`
+    # multi-adapter artifacts: one report per adapter, the base alone on each recipe's split, switching times
+    adapters: Optional[dict[str, dict[str, Any]]] = None
+    base: Optional[dict[str, dict[str, Any]]] = None
+    switch: Optional[dict[str, Any]] = None
     # auto only
     pick: Optional[str] = None
     qualified: Optional[list[str]] = None

@@ -16,11 +16,15 @@ from toolchain.runtime.lookup import greedy
 from toolchain.runtime.metrics import log_softmax
 
 
-def load(folder: Path, provider: str = "cpu", options: Optional[dict] = None, session: Optional[dict] = None):
+def load(folder: Path, provider: str = "cpu", options: Optional[dict] = None, session: Optional[dict] = None,
+         adapter: Optional[str] = None):
     """(model, tokenizer) for an onnxruntime-genai folder, on the given execution provider (onnxruntime-genai's
     name: cpu, cuda, dml, webgpu, qnn) with its options. "cpu" drops any EP genai_config.json names, so a QDQ
     model built for an NPU runs on the CPU EP. `session`: the settings from runtime/session.resolve (default: that
-    of this folder with no --threads, i.e. this host's usable cores), applied as an overlay, the folder untouched."""
+    of this folder with no --threads, i.e. this host's usable cores), applied as an overlay, the folder untouched.
+    adapter: a LoRA adapter to run with, by name (the folder's adapters/NAME.onnx_adapter) or as a path to an
+    .onnx_adapter file; the model is then an `Adapted`, which generate and nll take in its place and whose use()
+    switches adapters without loading the base again."""
     import onnxruntime_genai as og
 
     cfg = og.Config(str(folder))
@@ -31,7 +35,57 @@ def load(folder: Path, provider: str = "cpu", options: Optional[dict] = None, se
         for k, v in (options or {}).items():
             cfg.set_provider_option(provider, k, str(v))
     model = og.Model(cfg)
-    return model, og.Tokenizer(model)
+    tok = og.Tokenizer(model)
+    if adapter is None:
+        return model, tok
+    file = Path(adapter) if str(adapter).endswith(ADAPTER_SUFFIX) else Path(folder) / ADAPTERS_DIR / f"{adapter}{ADAPTER_SUFFIX}"
+    name = file.name[: -len(ADAPTER_SUFFIX)]
+    return Adapted(model, og.Adapters(model)).load(name, file).use(name), tok
+
+
+ADAPTERS_DIR = "adapters"  # a multi-adapter artifact's adapters/<name>.onnx_adapter files
+ADAPTER_SUFFIX = ".onnx_adapter"
+
+
+@dataclass(frozen=True)
+class Adapted:
+    """One base model, the LoRA adapters loaded for it (og.Adapters, ONNX Runtime's .onnx_adapter files) and the
+    adapter new generators run with (None: the base alone, its LoRA inputs left at their empty defaults). Every
+    handle from use() shares the base and the loaded adapters: switching loads nothing."""
+    model: object
+    adapters: object
+    name: Optional[str] = None
+    loaded: frozenset = frozenset()
+
+    def load(self, name: str, file: Path) -> "Adapted":
+        """This handle with `file` loaded as adapter `name` (into the shared og.Adapters)."""
+        if not Path(file).is_file():
+            raise ToolchainError(f"{file}: no such adapter file")
+        try:
+            self.adapters.load(str(file), name)
+        except Exception as e:  # onnxruntime-genai's message names the file and what is wrong with it
+            raise ToolchainError(f"{file}: onnxruntime-genai cannot load this adapter: {e}") from None
+        return Adapted(self.model, self.adapters, self.name, self.loaded | {name})
+
+    def use(self, name: Optional[str]) -> "Adapted":
+        if name is not None and name not in self.loaded:
+            raise ToolchainError(f"adapter '{name}' is not loaded; loaded: {', '.join(sorted(self.loaded)) or 'none'}")
+        return Adapted(self.model, self.adapters, name, self.loaded)
+
+
+def base_model(model):
+    """The og.Model under an `Adapted` (or the model itself)."""
+    return model.model if isinstance(model, Adapted) else model
+
+
+def new_generator(model, params):
+    """og.Generator for a model or an `Adapted` (its adapter set active before any token is appended)."""
+    import onnxruntime_genai as og
+
+    gen = og.Generator(base_model(model), params)
+    if isinstance(model, Adapted) and model.name is not None:
+        gen.set_active_adapter(model.adapters, model.name)
+    return gen
 
 
 def eos_ids(tok) -> tuple[int, ...]:
@@ -68,10 +122,10 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, force_length: bo
         return _generate_lookup(model, prompt_ids, max_new_tokens, force_length, lookup, tuple(eos))
     import onnxruntime_genai as og
 
-    params = og.GeneratorParams(model)
+    params = og.GeneratorParams(base_model(model))
     total = len(prompt_ids) + max_new_tokens
     params.set_search_options(do_sample=False, max_length=total, min_length=total if force_length else 0)
-    gen = og.Generator(model, params)
+    gen = new_generator(model, params)
     t0 = time.perf_counter()
     gen.append_tokens(np.asarray(prompt_ids, dtype=np.int32))
     out = []
@@ -101,9 +155,9 @@ def _generate_lookup(model, prompt_ids: list[int], max_new: int, force_length: b
                                  "rebuild with `prune_lm_head: false`")
         return greedy(logits, masked)
 
-    params = og.GeneratorParams(model)
+    params = og.GeneratorParams(base_model(model))
     params.set_search_options(do_sample=False, max_length=len(prompt_ids) + max_new + 1)
-    gen = og.Generator(model, params)
+    gen = new_generator(model, params)
     t0 = time.perf_counter()
     gen.append_tokens(np.asarray(prompt_ids, dtype=np.int32))
     first = int(greedy(gen.get_logits(), masked)[-1])
@@ -118,13 +172,13 @@ def nll(model, input_ids: list[int], labels: list[int]) -> tuple[float, int]:
     """Sum of next-token negative log-likelihood over positions whose label is not -100, and their count."""
     import onnxruntime_genai as og
 
-    params = og.GeneratorParams(model)
+    params = og.GeneratorParams(base_model(model))
     params.set_search_options(max_length=len(input_ids) + 1)
-    gen = og.Generator(model, params)
+    gen = new_generator(model, params)
     gen.append_tokens(np.asarray(input_ids, dtype=np.int32))
     logits = np.asarray(gen.get_output("logits"), dtype=np.float32)[0]  # [seq, vocab]
     if len(logits) != len(input_ids):  # PRUNED: one token per pass instead
-        gen = og.Generator(model, params)
+        gen = new_generator(model, params)
         logits = np.empty((len(input_ids), logits.shape[-1]), dtype=np.float32)
         for i, t in enumerate(input_ids):
             gen.append_tokens(np.asarray([t], dtype=np.int32))

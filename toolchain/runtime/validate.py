@@ -22,6 +22,7 @@ from typing import Optional
 
 from toolchain.runtime import genai, host, manifest, metrics, session
 from toolchain.runtime.contracts import Report
+from toolchain.runtime.errors import ToolchainError
 from toolchain.runtime.gates import check_gates, merge_gates, status
 from toolchain.runtime.manifest import EVAL_FILE
 from toolchain.runtime.providers import ep_available
@@ -132,6 +133,9 @@ def validate(folder: Path, data: Optional[Path] = None, progress=None, lookup: i
     say = stage or (lambda what: None)
     say("checking every file against the manifest's sha256")
     man = manifest.verify(folder)
+    if man.get("adapters"):
+        raise ToolchainError(f"{folder}: a multi-adapter artifact; validate it with toolchain.runtime.adapters.validate "
+                             "(`toolchain validate` does)")
     if man.get("model_card", {}).get("kind") == "encoder":  # ONNX + tokenizers, no GenAI folder
         from toolchain.runtime.encoder import validate as validate_encoder
 

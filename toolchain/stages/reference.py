@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 from tqdm.auto import tqdm
 
@@ -21,7 +22,9 @@ from toolchain.runtime.validate import accuracy
 from toolchain.runtime import encoder as rt_encoder
 
 
-def reference(export_dir: Path, merged_dir: Path, recipe, recipe_file: Path, out: Path) -> dict:
+def reference(export_dir: Path, merged_dir: Path, recipe, recipe_file: Path, out: Path,
+              adapter: Optional[Path] = None) -> dict:
+    """adapter: an .onnx_adapter file the fp32 model runs with (a multi-adapter base: stages/adapters.py)."""
     tok = load_tokenizer(merged_dir)
     ds = data_mod.load(recipe, recipe_file, tok)
     rows = []
@@ -33,7 +36,7 @@ def reference(export_dir: Path, merged_dir: Path, recipe, recipe_file: Path, out
             if recipe.metric.name == "constraint_rate":  # the device checks outputs against these, not the reference
                 r["constraints"] = metrics.parse_constraints(pair[0])
         rows.append(r)
-    model, og_tok = genai.load(Path(export_dir))
+    model, og_tok = genai.load(Path(export_dir), adapter=adapter)
     with tqdm(total=sum("prompt_ids" in r for r in rows), desc="fp32 ONNX reference generations") as bar:
         figures, generated = accuracy(model, og_tok, rows, recipe.metric.name, recipe.metric.max_new_tokens,
                                       progress=lambda i, n: bar.update(1))

@@ -74,7 +74,10 @@ def _nbits(src: Path, dst: Path, spec: QuantizeSpec, bits: int = 4) -> dict:
     model = onnx.load(str(src))
     if spec.prune_lm_head:
         _prune_lm_head(model)
-    widths = bit_widths([n.name for n in model.graph.node if n.op_type == "MatMul"], spec, bits)
+    fed = {i.name for i in model.graph.input}  # a weight fed at run time (a LoRA adapter's) stays float
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
+    widths = bit_widths([n.name for n in matmuls if n.input[1] not in fed], spec, bits)
+    widths.update({n.name: 0 for n in matmuls if n.input[1] in fed})
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # one INFO line per node otherwise
     for width in (4, 8):  # one pass per width; nodes_to_include only adds to the op types, exclusion restricts
         if width in widths.values():

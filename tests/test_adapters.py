@@ -326,9 +326,9 @@ def test_fp16_adapters_beside_fp32(built, tiny_phi3):
         assert _greedy(genai.load(art, adapter=n)[0], prompts) == _greedy(genai.load(art32, adapter=n)[0], prompts)
         ppl16, ppl32 = (r["adapters"][n]["measured"]["perplexity"] for r in (rep, rep32))
         assert ppl16 == pytest.approx(ppl32, rel=1e-3)
-    from toolchain.report import scenario_table
+    from toolchain.report import scenario_rows, scenario_table
 
-    table = scenario_table(root / "artifacts")
+    table = scenario_table(scenario_rows(root / "artifacts"))
     assert table.count("chat-lora (adapter)") == 2 and "cpu-int4 shared base" in table
 
 

@@ -104,8 +104,13 @@ class Runner:
     def __init__(self, path: Path, threads: int, n_ctx: int, logits_all: bool = False):
         from llama_cpp import Llama
 
-        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(512, n_ctx), n_threads=threads,
-                         n_threads_batch=threads, logits_all=logits_all, verbose=False)
+        try:
+            self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(512, n_ctx), n_threads=threads,
+                             n_threads_batch=threads, logits_all=logits_all, verbose=False)
+        except ValueError as e:  # llama-cpp-python's "Failed to load model from file"
+            raise ToolchainError(f"{path}: llama.cpp (llama-cpp-python {llama_cpp_version()}) could not load it ({e}); "
+                                 "it was converted by the llama.cpp of the manifest's target.exporter: install that "
+                                 "llama-cpp-python version") from None
 
     def close(self) -> None:
         self.llm.close()

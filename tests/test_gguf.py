@@ -158,7 +158,7 @@ def test_a_tokenizer_llama_cpp_does_not_know_fails_the_build_clearly(tiny_phi3, 
 @pytest.mark.skipif(not HAS_LLAMA, reason="llama-cpp-python is not installed (make bench builds it)")
 def test_gguf_validated_with_llama_cpp(gguf_run):
     """Where llama-cpp-python is installed: the tokenizer check, perplexity near the fp32 ONNX model's, the task
-    metric, decode speed, the gates; and gguf-q4_k_m built by llama.cpp's quantizer."""
+    metric, decode speed, the gates, --data; and gguf-q4_k_m built by llama.cpp's quantizer."""
     out, rec, model, rep = gguf_run
     m, ref = rep["measured"], rep["reference"]
     assert rep["validated"] and rep["provider"] == "llama.cpp" and rep["status"] == "passed", rep
@@ -166,6 +166,15 @@ def test_gguf_validated_with_llama_cpp(gguf_run):
     assert abs(m["perplexity"] / ref["onnx_fp32"]["perplexity"] - 1) < 0.05  # Q8_0 of a random tiny model
     assert [g["gate"] for g in rep["gates"]] == ["max_perplexity_increase_pct"]
     assert m["token_agreement_fp32"] > 0.5
+    # --data: the recipe's own held-out JSONL, tokenized by the GGUF's tokenizer and chat template, gives the ids
+    # the pipeline shipped (tokenized by transformers), so the same perplexity; no gates on a user's data
+    from conftest import REPO
+    from toolchain.runtime.validate import validate
+
+    art = out / f"{model.name}-chat-lora" / "gguf-q8_0"
+    mine = validate(art, data=REPO / "recipes/data/chat-lora/eval.jsonl")
+    assert mine["validated"] and mine["gates"] == [] and mine["data"].endswith("eval.jsonl")
+    assert mine["measured"]["perplexity"] == pytest.approx(m["perplexity"], rel=1e-4)
     rep4 = pipeline.edge(str(model), str(rec), target="gguf-q4_k_m", out=out)
     art = out / f"{model.name}-chat-lora" / "gguf-q4_k_m"
     man = json.loads((art / "manifest.json").read_text())

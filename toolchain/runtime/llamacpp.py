@@ -15,6 +15,8 @@ file's sha256.
    p50/p95, prefill tok/s, decode tok/s p50; peak RSS, size on disk. Generation runs in a context that keeps the
    last position's logits only (as llama.cpp runs for a user); scoring in one that keeps every position's.
 5. The recipe's gates (gates.check_gates), against the reference figures the pipeline recorded.
+With --data the user's JSONL is tokenized by the GGUF's own tokenizer and chat template (devicedata.tokenize_rows,
+as for the ONNX artifacts) and scored the same way, without gates.
 """
 from __future__ import annotations
 
@@ -99,11 +101,16 @@ def row_nll(logits: np.ndarray, labels: list[int]) -> tuple[float, int]:
 class Runner:
     """One GGUF in llama.cpp: greedy generation with timings, and every position's logits for scoring."""
 
-    def __init__(self, path: Path, threads: int, n_ctx: int, logits_all: bool):
+    def __init__(self, path: Path, threads: int, n_ctx: int, logits_all: bool = False):
         from llama_cpp import Llama
 
-        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(512, n_ctx), n_threads=threads,
-                         n_threads_batch=threads, logits_all=logits_all, verbose=False)
+        try:
+            self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(512, n_ctx), n_threads=threads,
+                             n_threads_batch=threads, logits_all=logits_all, verbose=False)
+        except ValueError as e:  # llama-cpp-python's "Failed to load model from file"
+            raise ToolchainError(f"{path}: llama.cpp (llama-cpp-python {llama_cpp_version()}) could not load it ({e}); "
+                                 "it was converted by the llama.cpp of the manifest's target.exporter: install that "
+                                 "llama-cpp-python version") from None
 
     def close(self) -> None:
         self.llm.close()
@@ -122,6 +129,24 @@ class Runner:
     def text(self, tokens: list[int]) -> str:
         """The answer as text: end-of-generation tokens dropped, special tokens not rendered."""
         return self.llm.detokenize([t for t in tokens if not self.is_eog(t)]).decode("utf-8", errors="replace")
+
+    def encode(self, text: str) -> list[int]:
+        """As onnxruntime-genai's Tokenizer.encode: a BOS only where the GGUF's tokenizer says to add one."""
+        return self.llm.tokenize(text.encode(), add_bos=True, special=True)
+
+    def apply_chat_template(self, messages: str, add_generation_prompt: bool) -> str:
+        """The GGUF's own chat template (tokenizer.chat_template), rendered as llama-cpp-python renders it; the
+        messages as a JSON string, as onnxruntime-genai's Tokenizer takes them (devicedata.tokenize_rows)."""
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = self.llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise ToolchainError("this GGUF has no chat template (tokenizer.chat_template): chat rows in --data "
+                                 "cannot be formatted; use prompt/completion or text rows")
+        piece = lambda t: self.llm.detokenize([t], special=True).decode("utf-8", errors="replace")  # noqa: E731
+        fmt = Jinja2ChatFormatter(template, eos_token=piece(self.llm.token_eos()), bos_token=piece(self.llm.token_bos()),
+                                  add_generation_prompt=add_generation_prompt)
+        return fmt(messages=json.loads(messages)).prompt
 
     def logits(self, ids: list[int]) -> np.ndarray:
         self.llm.reset()
@@ -200,15 +225,25 @@ def validate(folder: Path, man: dict, data: Optional[Path] = None, progress=None
     if version is None:
         return Report(**base, validated=False, status="not_validated", reason=NOT_INSTALLED,
                       measured={"size_mb": size_mb}, passed=False).out()
-    if data is not None:
-        raise ToolchainError(f"{folder}: --data is not supported for GGUF artifacts yet; `toolchain validate {folder}` "
-                             f"scores the shipped {EVAL_FILE}")
-    rows = [json.loads(x) for x in (folder / EVAL_FILE).read_text().splitlines() if x.strip()]
+    shipped = [json.loads(x) for x in (folder / EVAL_FILE).read_text().splitlines() if x.strip()]
     t0 = time.time()
+    # the tokenizer and chat template (a vocab_only load has no training context, and llama.cpp warns about it)
+    score = Runner(gguf, threads, 64)
+    try:
+        checked = check_tokenizer(score.detokenize, score.tokenize, shipped)
+        if data is None:
+            rows = shipped
+        else:  # the user's rows, tokenized by the GGUF's own tokenizer and chat template
+            from toolchain.runtime.devicedata import tokenize_rows
+
+            rows = tokenize_rows(Path(data), score)
+    finally:
+        score.close()
+    if not rows:
+        raise ToolchainError(f"{data or folder / EVAL_FILE}: no rows to score")
     # scoring: every position's logits, in a context as long as the longest row
     score = Runner(gguf, threads, max(len(r["input_ids"]) for r in rows) + 8, logits_all=True)
     try:
-        checked = check_tokenizer(score.detokenize, score.tokenize, rows)
         nll, n = 0.0, 0
         for r in rows:
             a, b = row_nll(score.logits(r["input_ids"]), r["labels"])
@@ -227,9 +262,11 @@ def validate(folder: Path, man: dict, data: Optional[Path] = None, progress=None
     finally:
         gen.close()
     measured = {**lat, **acc, "size_mb": size_mb, "peak_rss_mb": peak_rss_mb()}
-    gates = check_gates(merge_gates(rec.get("gates", {}), target.get("gates", {})), measured, base["reference"], metric)
+    gates = (check_gates(merge_gates(rec.get("gates", {}), target.get("gates", {})), measured, base["reference"], metric)
+             if data is None else [])  # the gates are the shipped split's, as in validate.py
     passed = all(g["passed"] for g in gates)
     return Report(**base, provider="llama.cpp", validated=True, status="passed" if passed else "gates_missed",
-                  data=EVAL_FILE, measured=measured, gates=gates, passed=passed, seconds=round(time.time() - t0, 1),
+                  data=str(data) if data else EVAL_FILE, measured=measured, gates=gates, passed=passed,
+                  seconds=round(time.time() - t0, 1),
                   target_gates=target.get("gates") or None,
                   note=f"llama.cpp through llama-cpp-python {version}, {threads} thread(s)").out()

@@ -39,18 +39,23 @@ class Stages:
 
     def __init__(self, root: Path, force: bool):
         self.root, self.force, self.lineage = root, force, []
-        self.reused: dict[str, bool] = {}  # stage -> whether this run reused it
-        self.cost: dict[str, dict] = {}  # stage -> wall seconds and peak RSS of this run's work on it
+        self.cost: dict[str, dict] = {}  # stage -> reused or not, wall seconds and peak RSS of this run's work on it
         (root / "stages" / ".keys").mkdir(parents=True, exist_ok=True)
+
+    @property
+    def reused(self) -> dict[str, bool]:
+        """Stage -> whether this run reused it."""
+        return {name: c["reused"] for name, c in self.cost.items()}
 
     def run(self, name: str, inputs: dict, fn: Callable[[Path], dict], out: Optional[Path] = None) -> StageOut:
         out = out or self.root / "stages" / name
         key = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
         rec = self.root / "stages" / ".keys" / f"{name}.json"
-        reused = not self.force and out.exists() and rec.is_file() and json.loads(rec.read_text())["key"] == key
+        recorded = json.loads(rec.read_text()) if not self.force and out.exists() and rec.is_file() else {}
+        reused = recorded.get("key") == key
         if reused:
             console.print(f"[dim]{name}: inputs unchanged ({key}), reusing {out}[/dim]")
-            summary = json.loads(rec.read_text())["summary"]
+            summary = recorded["summary"]
         else:
             console.print(f"[bold]{name}[/bold] -> {out}")
             measured_rss, t0 = reset_peak(), time.perf_counter()
@@ -62,7 +67,6 @@ class Stages:
             rec.write_text(json.dumps({"key": key, "inputs": inputs, "summary": summary, "cost": cost}, indent=2,
                                       default=str))
         self.lineage.append({"stage": name, "key": key, "out": str(out)})
-        self.reused[name] = reused
         self.cost[name] = {"reused": reused, **({"seconds": 0.0, "peak_rss_mb": None} if reused else cost)}
         return StageOut(out, key, summary, reused)
 

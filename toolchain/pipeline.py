@@ -197,10 +197,10 @@ def headline(report: dict, reference: dict, metric: str, fp32_size_mb: float, st
 
 
 def validate_artifact(r: Run, art: Path) -> dict:
-    """Validate in a fresh process, write the reports, add the headline figures."""
+    """Validate in a fresh process (which writes report.json, report.md and the model card, as on a device), add
+    the headline figures."""
     console.print(f"[bold]validate[/bold] {art}")
     report = validate_in_own_process(art)
-    report_mod.write_reports(art, report)
     fp32_size = sum(p.stat().st_size for p in r.export.glob("model.onnx*")) / 1e6
     report["headline"] = headline(report, r.reference, r.recipe.metric.name, fp32_size, r.st)
     return report
@@ -269,8 +269,7 @@ def edge_encoder(src: Resolved, rec: Recipe, rec_file: Path, target: str, out: P
     art = st.run(target, {"quantize": q.key, "reference": rf.key, "finetune": ft.key, "gates": rec.gates.model_dump(),
                           "overrides": list(overrides)},
                  out=root / target, fn=lambda o: {"path": str(package_encoder(q.out, ft.out / "model", held, o, manifest))})
-    report = validate_in_own_process(art.out)
-    report_mod.write_reports(art.out, report)
+    report = validate_in_own_process(art.out)  # it writes the reports, as on a device
     report["headline"] = headline(report, figures, rec.metric.name, (ex.out / rt.MODEL).stat().st_size / 1e6, st)
     return report
 

@@ -1,7 +1,6 @@
 """The catalog commands: models, recipes, targets, scenarios."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -28,7 +27,7 @@ def models(as_json):
                      "source": c.source.hub or c.source.path or f"{c.source.package}/{c.source.package_path}",
                      "available": ok, "why": why})
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(to_json(rows))
     else:
         table("model cards (models/*.yaml)", ["name", "architecture", "params", "kind", "source", "available"],
               [{**r, "available": f"yes ({r['why']})" if r["available"] else f"no: {r['why']}"} for r in rows])
@@ -50,7 +49,7 @@ def recipes(ctx, as_json):
     rows = [{"name": n, "task": r.task, "method": r.method.type, "metric": r.metric.name, "model": r.model,
              "description": r.description} for n, r in all_recipes().items()]
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(to_json(rows))
     else:
         table("recipes (recipes/*.yaml)", list(rows[0]), rows)
 
@@ -88,7 +87,7 @@ def targets(as_json):
 
     rows = listing()
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(to_json(rows))
     else:
         table("targets (toolchain/config/targets.py)", ["target", "ep", "precision", "built_by", "validate_here", "gates"],
               [{**r, "validate_here": _here(r),

@@ -9,6 +9,11 @@ intermediate folders in stages/, the artifact in <target>/. The engine reuses a 
 (content-hashed key in stages/.keys/); every stage writes atomically, so a run killed mid-stage resumes at that
 stage. --force redoes everything. Encoders (classify-encoder, ner) take the same chain with their own stage
 functions and no GenAI folder.
+
+A model larger than hf.models.LARGE_MODEL_BYTES (Phi-3-mini: 7.6 GB in bf16) never exists in fp32: it trains and
+merges in its own dtype (the merge shard by shard), skips the fp32 ONNX export (15 GB for Phi-3-mini), takes its
+reference figures from the merged torch model (reference-torch), and cpu-int4 is built by the onnxruntime-genai
+builder with each weight quantized as it is reached (stages/quantize/builder.py build_large_int4).
 """
 from __future__ import annotations
 
@@ -38,13 +43,13 @@ class Run:
     src: Resolved
     recipe: Recipe
     rec_file: Path
-    exporter: str
+    exporter: str  # for a large model: "genai" (the builder, at build_target)
     inputs: dict  # hashes of the base weights and the data: the manifest's `inputs`
     finetune_key: str
     merged: Path
     merged_key: str
-    export: Path
-    export_key: str
+    export: Optional[Path]  # None for a large model: no fp32 ONNX export
+    export_key: Optional[str]
     reference_dir: Path
     reference_key: str
     reference: dict  # torch_base, torch_tuned, onnx_fp32 figures
@@ -87,7 +92,8 @@ def prepare(src: Resolved, rec: Recipe, rec_file: Path, out: Path = Path("artifa
     from toolchain.stages.export.decoder import export
     from toolchain.stages.finetune.decoder import finetune
     from toolchain.stages.merge import merge
-    from toolchain.stages.reference import reference
+    from toolchain.hf.models import LARGE_MODEL_BYTES, weights_bytes
+    from toolchain.stages.reference import reference, reference_torch
 
     if rec.task == "ner":
         raise ToolchainError(f"recipe '{rec.name}' labels tokens and runs on an encoder; model '{src.card.name}' is a "
@@ -106,18 +112,26 @@ def prepare(src: Resolved, rec: Recipe, rec_file: Path, out: Path = Path("artifa
     mg = st.run("merged", {"finetune": ft.key, "merge_into": merge_into},
                 lambda o: merge(src, ft.out, o, merge_into=merge_into))
     exporter = exporter or src.card.exporter
-    ex = st.run(f"export-{exporter}", {"merged": mg.key, "exporter": exporter},
-                lambda o: export(mg.out, o, exporter=exporter, trust_remote_code=src.trust_remote_code))
-    if ex.summary.get("fallback_reason"):  # genai asked for, the builder would get this model wrong: optimum ran
-        console.print(f"[yellow]export: {ex.summary['fallback_reason']}[/yellow]")
-    exporter = ex.summary.get("exporter", exporter)
-    rf = st.run("reference", {"export": ex.key, "recipe": rec.model_dump(include={"data", "metric"})},
-                lambda o: reference(ex.out, mg.out, rec, rec_file, o))
+    if weights_bytes(src.path) > LARGE_MODEL_BYTES:  # no fp32 copy: torch reference, cpu-int4 built as quantized
+        ex = None
+        console.print(f"[dim]{src.card.name}: {weights_bytes(src.path) / 1e9:.1f} GB of weights; no fp32 ONNX export "
+                      "(its reference comes from the merged torch model)[/dim]")
+        rf = st.run("reference-torch", {"merged": mg.key, "recipe": rec.model_dump(include={"data", "metric"})},
+                    lambda o: reference_torch(mg.out, rec, rec_file, o))
+        exporter = "genai"
+    else:
+        ex = st.run(f"export-{exporter}", {"merged": mg.key, "exporter": exporter},
+                    lambda o: export(mg.out, o, exporter=exporter, trust_remote_code=src.trust_remote_code))
+        if ex.summary.get("fallback_reason"):  # genai asked for, the builder would get this model wrong: optimum ran
+            console.print(f"[yellow]export: {ex.summary['fallback_reason']}[/yellow]")
+        exporter = ex.summary.get("exporter", exporter)
+        rf = st.run("reference", {"export": ex.key, "recipe": rec.model_dump(include={"data", "metric"})},
+                    lambda o: reference(ex.out, mg.out, rec, rec_file, o))
     figures = {"torch_base": _scores(ft.summary.get("base")), "torch_tuned": _scores(ft.summary.get("tuned")),
                "onnx_fp32": rf.summary}
     training = {"method": ft.summary.get("method", rec.method.type), **(ft.summary.get("train") or {})}
     return Run(st=st, root=root, src=src, recipe=rec, rec_file=rec_file, exporter=exporter, inputs=inputs,
-               finetune_key=ft.key, merged=mg.out, merged_key=mg.key, export=ex.out, export_key=ex.key,
+               finetune_key=ft.key, merged=mg.out, merged_key=mg.key, export=ex and ex.out, export_key=ex and ex.key,
                reference_dir=rf.out, reference_key=rf.key, reference=figures, training=training,
                base_lineage=list(st.lineage), overrides=tuple(overrides))
 
@@ -131,7 +145,21 @@ def build_target(r: Run, target: str, spec: Optional[QuantizeSpec] = None, name:
 
     t = targets.get(target)
     name = name or target
-    if t["built_by"] == "builder":
+    if r.export is None and t["built_by"] not in ("builder", "llama.cpp"):  # a large model: no fp32 ONNX export
+        from toolchain.hf.models import weights_bytes
+        from toolchain.stages.quantize.builder import build_large_int4
+        from toolchain.stages.quantize.nbits import spec_for
+
+        if target != "cpu-int4":
+            raise ToolchainError(f"target '{target}' quantizes an fp32 ONNX export, which {r.src.card.name} "
+                                 f"({weights_bytes(r.merged) / 1e9:.1f} GB of weights) does not get here; build "
+                                 "cpu-int4, a builder target (cuda-int4, dml-int4, webgpu-int4) or gguf-q4_k_m")
+        spec = spec_for(target, spec or r.recipe.quantize)
+        q = r.st.run(f"build-{name}", {"merged": r.merged_key, "target": target, "spec": spec.model_dump(),
+                                       "as_built": True},
+                     lambda o: build_large_int4(r.merged, o, spec, r.src.trust_remote_code))
+        exporter = "onnxruntime-genai builder (int4 as built)"
+    elif t["built_by"] == "builder":
         from toolchain.stages.quantize.builder import BUILDER_OPTIONS, build
 
         q = r.st.run(f"build-{name}", {"merged": r.merged_key, "target": target,
@@ -199,9 +227,12 @@ def headline(report: dict, reference: dict, metric: str, fp32_size_mb: float, st
 def validate_artifact(r: Run, art: Path) -> dict:
     """Validate in a fresh process (which writes report.json, report.md and the model card, as on a device), add
     the headline figures."""
+    from toolchain.hf.models import config_dtype, weights_bytes
+
     console.print(f"[bold]validate[/bold] {art}")
     report = validate_in_own_process(art)
-    fp32_size = sum(p.stat().st_size for p in r.export.glob("model.onnx*")) / 1e6
+    fp32_size = (sum(p.stat().st_size for p in r.export.glob("model.onnx*")) / 1e6 if r.export else
+                 weights_bytes(r.merged) * 4 / config_dtype(r.merged).itemsize / 1e6)  # what an fp32 copy would take
     report["headline"] = headline(report, r.reference, r.recipe.metric.name, fp32_size, r.st)
     return report
 

@@ -9,6 +9,27 @@ from toolchain.hf.data import IGNORE
 
 
 BF16_MIN_SPEEDUP = 1.2  # bf16 must beat fp32 by this much on the probe to be used
+# Above this much safetensors on disk the torch side works in the weights' own dtype: an fp32 copy of Phi-3-mini
+# (7.6 GB in bf16) is 15 GB, twice what its stages may hold. Below it, fp32: the exact reference, and cheap.
+LARGE_MODEL_BYTES = 2 * 1024**3
+
+
+def weights_bytes(model_dir: Path) -> int:
+    return sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
+
+
+def config_dtype(model_dir: Path) -> torch.dtype:
+    """The dtype config.json names for the weights (torch_dtype; fp32 when it names none)."""
+    import json
+
+    name = json.loads((Path(model_dir) / "config.json").read_text()).get("torch_dtype") or "float32"
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
+
+
+def working_dtype(model_dir: Path) -> torch.dtype:
+    """The dtype the fine-tune and the torch reference load `model_dir` in: fp32, or for a model larger than
+    LARGE_MODEL_BYTES the weights' own (config_dtype)."""
+    return torch.float32 if weights_bytes(model_dir) <= LARGE_MODEL_BYTES else config_dtype(model_dir)
 
 
 def bf16_fast() -> bool:

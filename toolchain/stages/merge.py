@@ -7,6 +7,10 @@ writes nothing. A QLoRA adapter was trained against the NF4 base but is merged i
 (recipe key method.merge_into). The report then also says how far the merged model's logits are from NF4 base +
 adapter, and the held-out metric of the trained model, the merged one and the other choice, so the user sees what
 merging cost. A full fine-tune has nothing to merge: its weights are copied and checked to load.
+
+A LoRA adapter on a base larger than hf.models.LARGE_MODEL_BYTES (Phi-3-mini: 7.6 GB in bf16) is merged shard by shard in
+the base's own dtype (merge_streaming): one shard in memory at a time, never an fp32 copy of the model. Its parity
+check then loads the merged model and base + adapter one after the other, in that dtype.
 """
 from __future__ import annotations
 
@@ -19,10 +23,16 @@ import yaml
 
 from toolchain.runtime.errors import ToolchainError
 from toolchain.runtime.fsutil import atomic_dir
-from toolchain.hf.models import load_causal_lm, load_tokenizer, user_prompt
+from toolchain.hf.models import LARGE_MODEL_BYTES, config_dtype, load_causal_lm, load_tokenizer, user_prompt, weights_bytes
 from toolchain.config.sources import Resolved
 
 TOLERANCE = 1e-3
+# A bf16/fp16 merge rounds W + BA once to 16 bits, where base + adapter adds BA to each activation: logits differ by
+# rounding, not by a wrong merge (a wrong key or scale moves them by the adapter's whole effect). Relative to the
+# largest logit, with top-1 agreement on nearly every position (a random model's near-ties flip: 0.989 on the tests'
+# tiny Phi-3). A weight name the base lacks is refused before this check.
+HALF_TOLERANCE = 2e-2
+HALF_MIN_TOP1 = 0.95
 PROMPTS = [
     "Hi, this is Ada Lovelace. I'd like 2 tickets for the Paris show on 3 May, please.",
     "Write a haiku about the sea.",
@@ -44,12 +54,18 @@ def _logits(model, batch) -> torch.Tensor:
     return model(**batch).logits.float()
 
 
-def merge(src: Resolved, adapter: Path, out: Path, merge_into: Optional[str] = None) -> dict:
+def merge(src: Resolved, adapter: Path, out: Path, merge_into: Optional[str] = None,
+          stream: Optional[bool] = None) -> dict:
     """Merge the adapter in `adapter` into the resolved base model; merge_into overrides the trained recipe's
-    method.merge_into (QLoRA only)."""
+    method.merge_into (QLoRA only). stream: shard by shard (default: for a plain LoRA adapter on a base larger than
+    LARGE_MODEL_BYTES)."""
     from peft import PeftModel
 
     adir = adapter_dir(adapter)
+    if stream is None:
+        stream = streamable(adir) is None and weights_bytes(src.path) > LARGE_MODEL_BYTES
+    if stream:
+        return merge_streaming(src, adir, Path(out))
     trust_remote_code = src.trust_remote_code
     cfg = json.loads((src.path / "config.json").read_text())
     if cfg.get("quantization_config"):
@@ -86,6 +102,101 @@ def merge(src: Resolved, adapter: Path, out: Path, merge_into: Optional[str] = N
         tok.save_pretrained(tmp)
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def streamable(adir: Path) -> Optional[str]:
+    """Why this adapter cannot be merged tensor by tensor (None: it can): W' = W + scale * B @ A per target."""
+    f = adir / "adapter_config.json"
+    if not f.is_file():
+        return "a full fine-tune has no adapter"
+    cfg = json.loads(f.read_text())
+    rec = _trained_recipe(adir)
+    why = {"not LoRA": cfg.get("peft_type") != "LORA", "DoRA rescales each column": cfg.get("use_dora"),
+           "QLoRA merges into a chosen base": rec is not None and rec.method.type == "qlora",
+           "per-module ranks": cfg.get("rank_pattern") or cfg.get("alpha_pattern"),
+           "modules_to_save": cfg.get("modules_to_save"), "fan_in_fan_out": cfg.get("fan_in_fan_out")}
+    return next((k for k, v in why.items() if v), None)
+
+
+def merge_streaming(src: Resolved, adir: Path, out: Path) -> dict:
+    """W + scale * B @ A for each adapted weight, one base shard at a time, in the base's dtype (computed in fp32)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    from tqdm.auto import tqdm
+
+    why = streamable(adir)
+    if why:
+        raise ToolchainError(f"{adir}: this adapter cannot be merged shard by shard ({why}); merge it in memory")
+    cfg = json.loads((adir / "adapter_config.json").read_text())
+    scale = cfg["lora_alpha"] / (cfg["r"] ** 0.5 if cfg.get("use_rslora") else cfg["r"])
+    lora = load_file(str(adir / "adapter_model.safetensors"))
+    pairs = {}
+    for k, a in lora.items():
+        if k.endswith(".lora_A.weight"):
+            name = k.removeprefix("base_model.model.").removesuffix(".lora_A.weight") + ".weight"
+            pairs[name] = (a, lora[k.replace(".lora_A.", ".lora_B.")])
+    shards = sorted(src.path.glob("*.safetensors"))
+    tok = load_tokenizer(adir if (adir / "tokenizer_config.json").is_file() else src.path, src.trust_remote_code)
+    dtypes = set()
+    with atomic_dir(out) as tmp:
+        for f in tqdm(shards, desc="merge, shard by shard"):
+            tensors = {}
+            with safe_open(str(f), "pt") as sf:
+                meta = sf.metadata() or {"format": "pt"}
+                for k in sf.keys():
+                    t = sf.get_tensor(k)
+                    if k in pairs:
+                        a, b = pairs.pop(k)
+                        t = (t.float() + scale * (b.float() @ a.float())).to(t.dtype)
+                        dtypes.add(str(t.dtype).removeprefix("torch."))
+                    tensors[k] = t
+            save_file(tensors, str(tmp / f.name), metadata=meta)
+            del tensors
+        if pairs:
+            raise ToolchainError(f"{adir}: {len(pairs)} adapted weights are not in the base at {src.path} (e.g. "
+                                 f"{next(iter(pairs))}): the adapter was trained on another model")
+        for name in ("model.safetensors.index.json", "config.json", "generation_config.json"):
+            if (src.path / name).is_file():
+                (tmp / name).write_bytes((src.path / name).read_bytes())
+        tok.save_pretrained(tmp)
+        report = {"model": src.card.name, "adapter": str(adir), "streamed": True, "shards": len(shards),
+                  "dtype": sorted(dtypes), **_parity_one_at_a_time(src, adir, tmp, tok)}
+        (tmp / "merge_report.json").write_text(json.dumps(report, indent=2))
+        if not report["passed"]:
+            raise ToolchainError(f"merge parity failed: max |logit diff| {report['max_abs_logit_diff']:.2e} "
+                                 f"({report['relative_diff']:.1e} of the largest logit), top-1 agreement "
+                                 f"{report['top1_agreement']:.3f}, between base+adapter and the merged model; nothing "
+                                 f"written to {out}")
+    return report
+
+
+def _parity_one_at_a_time(src: Resolved, adir: Path, merged_dir: Path, tok) -> dict:
+    """Logits of the merged model, then of base + adapter, each loaded in the base's dtype and freed before the
+    other: never two copies in memory."""
+    import gc
+
+    from peft import PeftModel
+
+    dtype = config_dtype(src.path)  # the merged weights' own
+    tok.padding_side = "right"
+    batch = tok([user_prompt(tok, p) for p in PROMPTS], return_tensors="pt", padding=True, add_special_tokens=False)
+    mask = batch["attention_mask"].bool()
+    m = load_causal_lm(merged_dir, src.trust_remote_code, dtype=dtype)
+    after = _logits(m, batch)
+    del m
+    gc.collect()
+    m = PeftModel.from_pretrained(load_causal_lm(src.path, src.trust_remote_code, dtype=dtype), adir).eval()
+    before = _logits(m, batch)
+    del m
+    gc.collect()
+    diff = float((before - after).abs()[mask].max())
+    rel = diff / max(float(before.abs()[mask].max()), 1e-12)
+    top1 = float((before.argmax(-1) == after.argmax(-1))[mask].float().mean())
+    half = dtype != torch.float32
+    passed = (rel <= HALF_TOLERANCE and top1 >= HALF_MIN_TOP1) if half else diff <= TOLERANCE
+    return {"max_abs_logit_diff": diff, "relative_diff": rel, "top1_agreement": top1, "prompts": len(PROMPTS),
+            "tolerance": f"{HALF_TOLERANCE} of the largest logit, top-1 >= {HALF_MIN_TOP1}" if half else TOLERANCE,
+            "checked_in": str(dtype).removeprefix("torch."), "passed": passed}
 
 
 def _trained_recipe(adir: Path):

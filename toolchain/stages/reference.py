@@ -1,5 +1,6 @@
 """Stage 3b: the held-out split as the device will see it, and the fp32 ONNX model's numbers on it.
-reference_encoder: the same figures for an encoder artifact.
+reference_torch: the same from the merged torch model in its working dtype, for a model whose fp32 ONNX copy would
+not fit (Phi-3-mini: 15 GB; hf.models.LARGE_MODEL_BYTES). reference_encoder: the same figures for an encoder artifact.
 
 Writes eval.jsonl (token ids and loss mask per held-out example; for the first `eval_limit` a prompt, the reference
 answer and the fp32 ONNX model's greedy tokens) and reference.json (perplexity and task metric of the fp32 ONNX
@@ -22,10 +23,9 @@ from toolchain.runtime.validate import accuracy
 from toolchain.runtime import encoder as rt_encoder
 
 
-def reference(export_dir: Path, merged_dir: Path, recipe, recipe_file: Path, out: Path,
-              adapter: Optional[Path] = None) -> dict:
-    """adapter: an .onnx_adapter file the fp32 model runs with (a multi-adapter base: stages/adapters.py)."""
-    tok = load_tokenizer(merged_dir)
+def _rows(tok, recipe, recipe_file: Path) -> list[dict]:
+    """eval.jsonl's rows: token ids and loss mask per held-out example, a prompt and reference for the first
+    eval_limit."""
     ds = data_mod.load(recipe, recipe_file, tok)
     rows = []
     for i, (ex, row) in enumerate(zip(ds.eval, ds.eval_rows)):
@@ -36,15 +36,62 @@ def reference(export_dir: Path, merged_dir: Path, recipe, recipe_file: Path, out
             if recipe.metric.name == "constraint_rate":  # the device checks outputs against these, not the reference
                 r["constraints"] = metrics.parse_constraints(pair[0])
         rows.append(r)
+    return rows
+
+
+def _write(out: Path, rows: list[dict], figures: dict) -> None:
+    with atomic_dir(Path(out)) as tmp:
+        (tmp / EVAL_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (tmp / "reference.json").write_text(json.dumps(figures, indent=2))
+
+
+def reference(export_dir: Path, merged_dir: Path, recipe, recipe_file: Path, out: Path,
+              adapter: Optional[Path] = None) -> dict:
+    """adapter: an .onnx_adapter file the fp32 model runs with (a multi-adapter base: stages/adapters.py)."""
+    rows = _rows(load_tokenizer(merged_dir), recipe, recipe_file)
     model, og_tok = genai.load(Path(export_dir), adapter=adapter)
     with tqdm(total=sum("prompt_ids" in r for r in rows), desc="fp32 ONNX reference generations") as bar:
         figures, generated = accuracy(model, og_tok, rows, recipe.metric.name, recipe.metric.max_new_tokens,
                                       progress=lambda i, n: bar.update(1))
     for r, toks in zip([r for r in rows if "prompt_ids" in r], generated):
         r["fp32_tokens"] = toks
-    with atomic_dir(Path(out)) as tmp:
-        (tmp / EVAL_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (tmp / "reference.json").write_text(json.dumps(figures, indent=2))
+    _write(out, rows, figures)
+    return figures
+
+
+def reference_torch(merged_dir: Path, recipe, recipe_file: Path, out: Path) -> dict:
+    """The reference figures from the merged torch model in its working dtype (bf16 for Phi-3-mini), scored by the
+    device's metric code; its greedy tokens stand where the fp32 ONNX model's would (eval.jsonl's fp32_tokens, the
+    min_token_agreement_fp32 gate). reference.json names the model it came from."""
+    import torch
+
+    from toolchain.hf.evaluate import heldout_nll
+    from toolchain.hf.models import load_causal_lm, working_dtype
+
+    tok = load_tokenizer(merged_dir)
+    rows = _rows(tok, recipe, recipe_file)
+    dtype = working_dtype(merged_dir)
+    model = load_causal_lm(Path(merged_dir), dtype=dtype)
+    nll, n = heldout_nll(model, [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows], tok.pad_token_id)
+    figures = {"perplexity": metrics.perplexity(nll, n), "eval_tokens": n,
+               "source": f"torch {str(dtype).removeprefix('torch.')} (merged model): its fp32 ONNX copy would not fit"}
+    gen = [r for r in rows if "prompt_ids" in r]
+    if gen and recipe.metric.name in metrics.GENERATIVE:
+        eos = [model.generation_config.eos_token_id, tok.eos_token_id]
+        eos = [e for x in eos for e in (x if isinstance(x, list) else [x]) if e is not None]
+        preds = []
+        with torch.no_grad():
+            for r in tqdm(gen, desc=f"torch reference generations ({figures['source'].split(' (')[0]})"):
+                ids = torch.tensor([r["prompt_ids"]])
+                toks = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                      max_new_tokens=recipe.metric.max_new_tokens, eos_token_id=eos,
+                                      pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+                r["fp32_tokens"] = toks
+                preds.append(tok.decode(toks, skip_special_tokens=True))
+        figures.update(metrics.task_scores(recipe.metric.name, preds, [r["reference"] for r in gen],
+                                           [r.get("constraints", {}) for r in gen]))
+        figures["eval_examples"] = len(gen)
+    _write(out, rows, figures)
     return figures
 
 

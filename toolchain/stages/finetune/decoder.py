@@ -31,7 +31,7 @@ from toolchain.config.schema import Launch, Recipe
 from toolchain.runtime.errors import ToolchainError
 from toolchain.hf.evaluate import score
 from toolchain.runtime.fsutil import atomic_dir
-from toolchain.hf.models import bf16_fast, collate, compute_dtype, load_causal_lm, load_tokenizer
+from toolchain.hf.models import bf16_fast, collate, compute_dtype, load_causal_lm, load_tokenizer, working_dtype
 from toolchain.config.sources import Resolved
 from toolchain.stages.finetune.batching import causal_lm_loss, lr_at, micro_batches, seed_everything, step_indices, trained_tokens
 from toolchain.stages.finetune.checkpoint import Checkpoint
@@ -67,10 +67,11 @@ def finetune(src: Resolved, rec: Recipe, rec_file: Path, out: Path, *, evaluate:
     results = state["results"] if state else {"model": src.card.name, "recipe": rec.name, "metric": rec.metric.name,
                                               "method": method.type}
     seed_everything(spec.seed)
-    net = None if method.type == "qlora" else load_causal_lm(src.path, trust_remote_code)
-    if evaluate and lead and "base" not in results:  # the base is the fp32 model, whatever trains on top of it
-        results["base"] = _base_score(lambda: net if net is not None else load_causal_lm(src.path, trust_remote_code),
-                                      tok, rec, ds, src)
+    dtype = working_dtype(src.path)  # fp32; a large model's own dtype (an fp32 Phi-3-mini is 15 GB)
+    net = None if method.type == "qlora" else load_causal_lm(src.path, trust_remote_code, dtype=dtype)
+    if evaluate and lead and "base" not in results:  # the base in that dtype, whatever trains on top of it
+        results["base"] = _base_score(lambda: net if net is not None else load_causal_lm(src.path, trust_remote_code,
+                                                                                          dtype=dtype), tok, rec, ds, src)
     if method.type == "qlora":
         net = methods.load_nf4(src.path, method, trust_remote_code)
     net = methods.trainable(net, method, src.card.lora_target_modules, bf16, spec.gradient_checkpointing)
@@ -126,7 +127,7 @@ def finetune(src: Resolved, rec: Recipe, rec_file: Path, out: Path, *, evaluate:
             return {}
         trained = _fresh(src, method, trust_remote_code, state_dict)
     if bf16:
-        trained.to(torch.float32)  # score what the merge will build: fp32 base + adapter
+        trained.to(dtype)  # score what the merge will build: the base in its working dtype + adapter
     results["train"] = {"steps": spec.max_steps, "resumed_from_step": start, "seconds": round(train_s, 1),
                         "tokens_per_s": round(tokens / max(train_s, 1e-9), 1), "precision": precision,
                         "ranks": world, "zero": zero if world > 1 else None, "grad_accum": spec.grad_accum,

@@ -13,6 +13,7 @@ import logging
 import tempfile
 import time
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 from toolchain.runtime.errors import ToolchainError
@@ -61,3 +62,89 @@ def build(merged_dir: Path, target: str, out: Path, trust_remote_code: bool = Fa
                   "size_mb": round(sum(p.stat().st_size for p in tmp.glob(MODEL + "*")) / 1e6, 1)}
         (tmp / "quantize_report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def build_large_int4(merged_dir: Path, out: Path, spec, trust_remote_code: bool = False) -> dict:
+    """cpu-int4 for a model whose fp32 ONNX copy would not fit (hf.models.LARGE_MODEL_BYTES): the builder, with the
+    HF model loaded in its own dtype and each weight quantized to MatMulNBits as the builder reaches it (onnxruntime's
+    MLAS block quantizer, the recipe's block size, symmetry and accuracy level). The builder alone keeps the whole
+    model as a float ONNX graph in memory and quantizes it at the end: for Phi-3-mini, 15 GB of fp32 on top of the
+    torch weights."""
+    from toolchain.hf.models import config_dtype
+    from toolchain.stages.export.decoder import builder_clash_reason, check_source, export_genai
+
+    merged_dir = Path(merged_dir)
+    check_source(merged_dir)
+    clash = builder_clash_reason(merged_dir, trust_remote_code)
+    if clash:
+        raise ToolchainError(f"this model is too large for an fp32 ONNX export here, and the onnxruntime-genai "
+                             f"builder that would build it directly in int4 gets it wrong: {clash} "
+                             "(docs/phi3-builder-avx2.md)")
+    if spec.algo != "rtn" or spec.int8 or spec.int8_edge_layers or spec.lm_head_bits != 4 or spec.prune_lm_head:
+        raise ToolchainError("recipe key 'quantize': a model this large is quantized as the builder builds it, with "
+                             "RTN int4 only (algo: rtn, no int8 layers, lm_head_bits: 4, prune_lm_head: false)")
+    t0 = time.time()
+    options = ("is_symmetric=" + str(spec.symmetric).lower(), f"block_size={spec.block_size}",
+               f"accuracy_level={spec.accuracy_level}")
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    with atomic_dir(Path(out)) as tmp, tempfile.TemporaryDirectory(prefix="toolchain-build-") as work, \
+            _loaded_in(config_dtype(merged_dir)), _quantized_as_built(spec) as counted:
+        export_genai(merged_dir, tmp, "int4", Path(work), trust_remote_code, "cpu", options)
+        report = {"target": "cpu-int4", "built_by": "onnxruntime-genai builder, int4 as built",
+                  "builder_options": list(options), "quantized_as_built": counted["matmuls"],
+                  "algo": "rtn", "block_size": spec.block_size, "symmetric": spec.symmetric,
+                  "accuracy_level": spec.accuracy_level, "lm_head": spec.lm_head, "embedding": "fp32",
+                  "seconds": round(time.time() - t0, 1),
+                  "size_mb": round(sum(p.stat().st_size for p in tmp.glob(MODEL + "*")) / 1e6, 1)}
+        (tmp / "quantize_report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+@contextmanager
+def _loaded_in(dtype):
+    """The builder loads the HF model with transformers' default (fp32); here, in `dtype`."""
+    from unittest import mock
+
+    from transformers import AutoModelForCausalLM
+
+    load = AutoModelForCausalLM.from_pretrained
+
+    def in_dtype(*args, **kwargs):
+        kwargs.setdefault("dtype", dtype)
+        return load(*args, **kwargs)
+
+    with mock.patch.object(AutoModelForCausalLM, "from_pretrained", in_dtype):
+        yield
+
+
+@contextmanager
+def _quantized_as_built(spec):
+    """Hand the builder's MatMulNBits maker a pre-quantized weight (its AWQ/GPTQ path) for every float Linear."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    import torch
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
+    import onnxruntime_genai.models.builder  # noqa: F401  (it puts its folder on sys.path and imports `builders`)
+    from builders.base import Model  # the module the builder's model classes subclass
+
+    q = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(
+        block_size=spec.block_size, is_symmetric=spec.symmetric, accuracy_level=spec.accuracy_level))
+    make = Model.make_matmul_nbits
+    counted = {"matmuls": 0}
+
+    def as_built(self, matmul, basename, root_input, **kwargs):
+        w = getattr(matmul, "weight", None)
+        if hasattr(matmul, "qweight") or w is None or w.dim() != 2 or (kwargs.get("logits") and not spec.lm_head):
+            return make(self, matmul, basename, root_input, **kwargs)
+        n, k = w.shape
+        packed, scales, zp = q.qbits_block_quant(w.detach().to(torch.float32).T.contiguous().numpy())
+        pre = SimpleNamespace(qweight=torch.from_numpy(packed), scales=torch.from_numpy(scales), bits=4,
+                              group_size=spec.block_size, in_features=k, out_features=n)
+        if not spec.symmetric:
+            pre.qzeros = torch.from_numpy(zp)
+        counted["matmuls"] += 1
+        return make(self, pre, basename, root_input, **kwargs)
+
+    with mock.patch.object(Model, "make_matmul_nbits", as_built):
+        yield counted

@@ -13,6 +13,8 @@ the decoder layers' projections first: where one of them (or a half it unpacks f
 vocab_size wide, its LM head reads layer 0's hidden state. `builder_lm_head_clash` finds those models from
 the config alone, and `export(exporter="genai")` exports them with optimum instead, saying why in
 export_report.json (docs/phi3-builder-avx2.md: found as an "AVX2-only" parity failure; it fails on every CPU).
+The same fallback takes configs whose head_size or rotary width ONNX Runtime's CPU GroupQueryAttention refuses
+(`builder_cpu_attention_reason`; no Phi card).
 
 Parity runs the exported model the way a device does, through onnxruntime-genai: for each prompt (chat template
 applied, tokenized by onnxruntime-genai) a prefill of the whole prompt, then DECODE_STEPS greedy single-token steps

@@ -74,7 +74,7 @@ def make_tiny_phi3(out: Path, hidden_size: int = 64, intermediate_size: int = 12
 
 # Tiny shapes of each Phi card (config/shapes.py has the real ones): 2 layers, head_dim 32, and the real configs'
 # kinds: intermediate/hidden 8/3 (mini) and 3.5 (medium), GQA 4:1 (medium) and 3:1 (4-mini), LongRoPE with
-# original 4096 < max 131072, partial rotary 0.75, tied embeddings, a vocabulary ~10x hidden (~64x for 4-mini).
+# original 4096 < max 131072, partial rotary 0.75, tied embeddings, the real vocabulary/hidden ratio (6 to 65).
 # Every vocabulary is wider than any projection, as in the real models (no builder LM-head clash).
 TINY_PHI = {
     "phi-3-mini": dict(hidden_size=96, intermediate_size=256, num_attention_heads=3, num_key_value_heads=3,

@@ -26,9 +26,14 @@ def tiny(tmp_path_factory):
     return get
 
 
+PUBLISHED_B = {"phi-3-mini": 3.82, "phi-3-mini-128k": 3.82, "phi-3.5-mini": 3.82, "phi-3-medium": 13.96,
+               "phi-4-mini": 3.84}  # the Hub pages' safetensors parameter counts (from memory), billions
+
+
 @pytest.mark.parametrize("card", CARDS)
 def test_recorded_shape_counts_what_transformers_builds(card):
-    """param_count from the config fields equals the parameters of the Phi3ForCausalLM transformers builds."""
+    """param_count from the config fields equals the parameters of the Phi3ForCausalLM transformers builds, and
+    the published size."""
     import torch
     from transformers import Phi3Config, Phi3ForCausalLM
 
@@ -36,6 +41,7 @@ def test_recorded_shape_counts_what_transformers_builds(card):
     with torch.device("meta"):
         model = Phi3ForCausalLM(Phi3Config(**cfg))
     assert param_count(cfg) == sum(p.numel() for p in model.parameters())
+    assert round(param_count(cfg) / 1e9, 2) == PUBLISHED_B[card]
     assert export_mod.builder_cpu_attention_reason(cfg) is None  # every real Phi head fits the CPU kernel
 
 

@@ -1,16 +1,16 @@
 """The Phi cards' real architectures: the key fields of each model's published config.json, in one table.
 
 Tests build tiny random models of the same *kind* from these (tests/conftest.py `make_tiny_phi`), the full-size
-memory bench builds exact shapes (`phi3_config(card)`), and the pre-flight fit check (config/fit.py) reads the
-parameter count off them. The values were written from the published config.json files of the Hugging Face
-repositories named in the cards (no hub access on the machine that wrote them). The dimensions, head counts,
-vocabulary, context lengths, rope theta, partial rotary factor and tying are the published ones; the LongRoPE
-short/long factor *values* are not reproduced here (each list has the published length, head_dim x partial / 2 =
-48, and the published 1.0-ish start and growing tail, as a ramp): exact shapes, approximate rotary numerics.
+memory bench builds exact shapes (`phi3_config(card)`); `param_count` counts any such config.json's parameters (the
+pre-flight fit check, config/fit.py, runs it on the model's own config). The values were written from memory of
+the published config.json files of the Hugging Face repositories the cards name (no hub access on the machine that
+wrote them); tests/test_phi_family.py checks the counts against the published sizes (3.82B, 13.96B, 3.84B). The
+dimensions, head counts, vocabulary, context lengths, rope theta, partial rotary factor and tying are the
+published ones; the LongRoPE short/long factor *values* are not reproduced (each list has the published length,
+head_dim x partial / 2 = 48, and the published form, near 1 short and rising long, as a ramp): exact shapes,
+approximate rotary numerics.
 """
 from __future__ import annotations
-
-from typing import Optional
 
 from toolchain.runtime.errors import ToolchainError
 
@@ -86,7 +86,3 @@ def param_count(cfg: dict) -> int:
     head = 0 if cfg.get("tie_word_embeddings") else vocab * h
     return vocab * h + layers * per_layer + h + head
 
-
-def card_shape(card: str) -> Optional[dict]:
-    """The recorded config.json fields of a card, or None for a card without a recorded shape."""
-    return phi3_config(card) if card in PHI else None

@@ -50,7 +50,6 @@ EXPORTERS = ("genai", "optimum")
 TOLERANCE = {"fp32": 1e-3}
 DECODE_STEPS = 4
 TOKENIZER_CHECKS = ["Hello world", "  two  spaces, digits 12345 and\nnew lines\n\n", "naïve café — ünïcödé ✓"]
-# onnxruntime-genai 0.15 decoder-only model types (the "type" in genai_config.json).
 # ONNX Runtime's CPU GroupQueryAttention, the attention of every builder graph, refuses at run time a head_size that
 # is not a multiple of 16 ("head_size shall be a multiple of 16") and a rotary cache whose width, rotary dims / 2,
 # is not a multiple of 8 ("cos_cache dimension 1 must be <= head_size / 2 and a multiple of 8"); measured on
@@ -58,6 +57,7 @@ TOKENIZER_CHECKS = ["Hello world", "  two  spaces, digits 12345 and\nnew lines\n
 # rotary width 48 or 64 (Phi-4-mini: 128 x 0.75 / 2 = 48). Optimum's graph uses standard ops, with no such limits.
 GQA_HEAD_MULTIPLE = 16
 GQA_ROTARY_WIDTH_MULTIPLE = 8
+# onnxruntime-genai 0.15 decoder-only model types (the "type" in genai_config.json).
 GENAI_TYPES = {"chatglm", "ernie4_5", "gemma", "gemma2", "granite", "internlm2", "llama", "mistral", "nemotron",
                "olmo", "phi", "phi3", "qwen2", "qwen3", "smollm3"}
 

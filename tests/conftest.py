@@ -37,8 +37,11 @@ PHI3_TEMPLATE = (
 PHI3_SPECIALS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
 
-def make_tiny_phi3(out: Path, hidden_size: int = 64, intermediate_size: int = 128) -> Path:
-    """A 2-layer random Phi-3 with a small byte-level BPE tokenizer (512 ids) trained on the recipe's data."""
+def make_tiny_phi3(out: Path, hidden_size: int = 64, intermediate_size: int = 128, vocab_size: int = 0,
+                   **config) -> Path:
+    """A 2-layer random Phi-3 with a small byte-level BPE tokenizer (512 ids) trained on the recipe's data; with
+    vocab_size, reserved tokens fill it up to that size (the corpus only supports ~850 learned ids). `config` sets
+    any other Phi3Config field (rope_scaling, heads, tying, ...)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast
@@ -53,16 +56,49 @@ def make_tiny_phi3(out: Path, hidden_size: int = 64, intermediate_size: int = 12
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|end|>",
                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>", chat_template=PHI3_TEMPLATE,
                                   additional_special_tokens=PHI3_SPECIALS[1:])
+    if vocab_size > len(tok):
+        tok.add_tokens([f"<|reserved_{i}|>" for i in range(vocab_size - len(tok))])
     torch.manual_seed(0)
+    fields = {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+              "max_position_embeddings": 4096, "original_max_position_embeddings": 4096, "rope_scaling": None,
+              "tie_word_embeddings": False, **config}
     cfg = Phi3Config(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size,
-                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
-                     original_max_position_embeddings=4096, rope_scaling=None, bos_token_id=tok.bos_token_id,
-                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                     **fields)
     model = Phi3ForCausalLM(cfg)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
+
+
+# Tiny shapes of each Phi card (config/shapes.py has the real ones): 2 layers, head_dim 32, and the real configs'
+# kinds: intermediate/hidden 8/3 (mini) and 3.5 (medium), GQA 4:1 (medium) and 3:1 (4-mini), LongRoPE with
+# original 4096 < max 131072, partial rotary 0.75, tied embeddings, the real vocabulary/hidden ratio (6 to 65).
+# Every vocabulary is wider than any projection, as in the real models (no builder LM-head clash).
+TINY_PHI = {
+    "phi-3-mini": dict(hidden_size=96, intermediate_size=256, num_attention_heads=3, num_key_value_heads=3,
+                       vocab_size=1024),
+    "phi-3-mini-128k": dict(hidden_size=96, intermediate_size=256, num_attention_heads=3, num_key_value_heads=3,
+                            vocab_size=1024),
+    "phi-3-medium": dict(hidden_size=128, intermediate_size=448, num_attention_heads=4, num_key_value_heads=1,
+                         vocab_size=800),
+    "phi-3.5-mini": dict(hidden_size=96, intermediate_size=256, num_attention_heads=3, num_key_value_heads=3,
+                         vocab_size=1024),
+    "phi-4-mini": dict(hidden_size=192, intermediate_size=512, num_attention_heads=3, num_key_value_heads=1,
+                       vocab_size=12288),
+}
+
+
+def make_tiny_phi(card: str, out: Path) -> Path:
+    """A tiny random model of a Phi card's shape: the card's real config.json fields (config/shapes.py) with the
+    dimensions of TINY_PHI[card] and 2 layers."""
+    from toolchain.config.shapes import phi3_config
+
+    cfg = phi3_config(card, num_hidden_layers=2, **TINY_PHI[card])
+    keep = {k: v for k, v in cfg.items() if k not in ("architectures", "model_type", "torch_dtype", "bos_token_id",
+                                                       "eos_token_id", "pad_token_id")}
+    return make_tiny_phi3(out, **keep)
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,7 @@ from toolchain import auto as auto_mod
 from toolchain import report as report_mod
 from toolchain.config import targets
 from toolchain.config.catalog import open_recipe
+from toolchain.config.fit import GB, check_fit
 from toolchain.config.schema import Launch, QuantizeSpec, Recipe
 from toolchain.config.sources import Resolved, resolve
 from toolchain.engine import Stages, console, files_hash, validate_in_own_process
@@ -308,11 +309,12 @@ def edge_encoder(src: Resolved, rec: Recipe, rec_file: Path, target: str, out: P
 def edge(model: Optional[str], recipe: str, target: Optional[str] = None, out: Path = Path("artifacts"),
          exporter: Optional[str] = None, max_steps: Optional[int] = None, model_path: Optional[str] = None,
          trust_remote_code: bool = False, force: bool = False, launch: Launch = Launch(),
-         method: Optional[str] = None, data=None, eval_data=None, sets: tuple = ()) -> dict:
+         method: Optional[str] = None, data=None, eval_data=None, sets: tuple = (), fit_check: bool = True) -> dict:
     """Run every stage for one model, recipe and target ("auto": choose among candidates, see auto.py); returns the
     validation report plus headline figures. Names are resolved here, once; overrides (max_steps, method, data:
     train on your own JSONL, eval_data: score on it, sets: KEY=VALUE for any recipe key) are applied by
-    open_recipe, and the manifest records them."""
+    open_recipe, and the manifest records them. A decoder run that will not fit this machine's RAM or disk
+    (config/fit.py) stops before any stage runs, unless fit_check is False."""
     loaded = open_recipe(recipe, max_steps=max_steps, method=method, data=data, eval_data=eval_data, sets=sets)
     rec, rec_file = loaded.recipe, loaded.file
     if loaded.note:
@@ -325,6 +327,11 @@ def edge(model: Optional[str], recipe: str, target: Optional[str] = None, out: P
         from toolchain.stages.quantize.gguf import check_buildable
 
         check_buildable(target)  # llama.cpp's converter fetched, its quantizer found where the target needs it
+    if fit_check:
+        needs = check_fit(src.path, rec, target, Path(out), launch)
+        top = max(needs, key=lambda n: n.ram)
+        console.print(f"[dim]fit check: peak RAM about {top.ram / GB:.1f} GB ({top.stage}), disk about "
+                      f"{sum(n.disk for n in needs) / GB:.1f} GB: estimates, config/fit.py[/dim]")
     r = prepare(src, rec, rec_file, out, exporter, force, launch, loaded.overrides)
     if target == "auto":
         return choose_target(r)

@@ -111,6 +111,8 @@ Examples:
 @click.option("--max-steps", type=int, default=None, help="Override the recipe's train.max_steps.")
 @data_opts
 @click.option("--force", is_flag=True, help="Redo every stage even when its inputs are unchanged.")
+@click.option("--no-fit-check", is_flag=True,
+              help="Skip the pre-flight estimate of each stage's RAM and disk against this machine (config/fit.py).")
 @click.option("--adapters", default=None, metavar="RECIPE,RECIPE",
               help="One base, one run-time LoRA adapter per recipe (instead of --recipe): "
                    "artifacts/<model>-adapters/<target>/.")
@@ -121,8 +123,8 @@ Examples:
 @path_opt
 @trust_opt
 @json_opt
-def edge(model, recipe, target, exporter, out, max_steps, data, eval_data, sets, force, adapters, adapter_precision,
-         method, launcher, nproc, zero, nnodes, node_rank, rdzv_endpoint, model_path, trust_remote_code, as_json):
+def edge(model, recipe, target, exporter, out, max_steps, data, eval_data, sets, force, no_fit_check, adapters,
+         adapter_precision, method, launcher, nproc, zero, nnodes, node_rank, rdzv_endpoint, model_path, trust_remote_code, as_json):
     """The whole chain: finetune, merge, export, quantize, package, validate.
 
     With --data the recipe trains on your own JSONL (chat, prompt/completion or text rows, runtime/rows.py); --set
@@ -136,7 +138,7 @@ def edge(model, recipe, target, exporter, out, max_steps, data, eval_data, sets,
                              launch_spec(launcher, nproc, zero, nnodes, node_rank, rdzv_endpoint))
     rep = run(model, recipe, target=target, out=Path(out), exporter=exporter, max_steps=max_steps,
               model_path=model_path, trust_remote_code=trust_remote_code, force=force, method=method,
-              data=data, eval_data=eval_data, sets=sets,
+              data=data, eval_data=eval_data, sets=sets, fit_check=not no_fit_check,
               launch=launch_spec(launcher, nproc, zero, nnodes, node_rank, rdzv_endpoint))
     if as_json:
         _json(rep)

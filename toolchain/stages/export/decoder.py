@@ -13,6 +13,8 @@ the decoder layers' projections first: where one of them (or a half it unpacks f
 vocab_size wide, its LM head reads layer 0's hidden state. `builder_lm_head_clash` finds those models from
 the config alone, and `export(exporter="genai")` exports them with optimum instead, saying why in
 export_report.json (docs/phi3-builder-avx2.md: found as an "AVX2-only" parity failure; it fails on every CPU).
+The same fallback takes configs whose head_size or rotary width ONNX Runtime's CPU GroupQueryAttention refuses
+(`builder_cpu_attention_reason`; no Phi card).
 
 Parity runs the exported model the way a device does, through onnxruntime-genai: for each prompt (chat template
 applied, tokenized by onnxruntime-genai) a prefill of the whole prompt, then DECODE_STEPS greedy single-token steps
@@ -48,6 +50,13 @@ EXPORTERS = ("genai", "optimum")
 TOLERANCE = {"fp32": 1e-3}
 DECODE_STEPS = 4
 TOKENIZER_CHECKS = ["Hello world", "  two  spaces, digits 12345 and\nnew lines\n\n", "naïve café — ünïcödé ✓"]
+# ONNX Runtime's CPU GroupQueryAttention, the attention of every builder graph, refuses at run time a head_size that
+# is not a multiple of 16 ("head_size shall be a multiple of 16") and a rotary cache whose width, rotary dims / 2,
+# is not a multiple of 8 ("cos_cache dimension 1 must be <= head_size / 2 and a multiple of 8"); measured on
+# onnxruntime 1.32 with tiny Phi-3s (head 24; head 32 at partial rotary 0.75). Every Phi card passes: head 96 or 128,
+# rotary width 48 or 64 (Phi-4-mini: 128 x 0.75 / 2 = 48). Optimum's graph uses standard ops, with no such limits.
+GQA_HEAD_MULTIPLE = 16
+GQA_ROTARY_WIDTH_MULTIPLE = 8
 # onnxruntime-genai 0.15 decoder-only model types (the "type" in genai_config.json).
 GENAI_TYPES = {"chatglm", "ernie4_5", "gemma", "gemma2", "granite", "internlm2", "llama", "mistral", "nemotron",
                "olmo", "phi", "phi3", "qwen2", "qwen3", "smollm3"}
@@ -118,6 +127,23 @@ def builder_clash_reason(model_dir: Path, trust_remote_code: bool = False) -> Op
     more = f" and {len(clash) - 1} more" if len(clash) > 1 else ""
     return (f"the onnxruntime-genai {og.__version__} model builder would make the LM head from {clash[0]}{more}: it "
             f"takes the first Linear as wide as the vocabulary for the head, so its logits would be wrong")
+
+
+def builder_cpu_attention_reason(cfg: dict) -> Optional[str]:
+    """One sentence when ONNX Runtime's CPU GroupQueryAttention cannot run the builder's graph of this config.json
+    (head_size or rotary width off the kernel's multiples), else None."""
+    heads = cfg.get("num_attention_heads") or 0
+    head = cfg.get("head_dim") or (cfg.get("hidden_size", 0) // heads if heads else 0)
+    if not head:
+        return None
+    width = int(head * (cfg.get("partial_rotary_factor") or 1.0)) // 2
+    if head % GQA_HEAD_MULTIPLE == 0 and width % GQA_ROTARY_WIDTH_MULTIPLE == 0:
+        return None
+    import onnxruntime
+
+    return (f"onnxruntime {onnxruntime.__version__}'s CPU GroupQueryAttention, which the onnxruntime-genai builder's "
+            f"graph uses, needs head_size a multiple of {GQA_HEAD_MULTIPLE} and a rotary width (rotary dims / 2) a "
+            f"multiple of {GQA_ROTARY_WIDTH_MULTIPLE}; this model has head_size {head}, rotary width {width}")
 
 
 @contextlib.contextmanager
@@ -288,7 +314,10 @@ def check_parity(onnx_dir: Path, model_dir: Path, precision: str = "fp32", trust
             raise ToolchainError(f"{onnx_dir}: onnxruntime-genai's tokenizer gives other ids than the HF tokenizer for "
                                  f"{text[:60]!r} (HF {want[:12]}..., genai {got[:12]}...); fix tokenizer.json in {model_dir}")
     # what a device runs: onnxruntime-genai's ids for the templated prompt (equal to HF's, checked above)
-    runs = [_genai_run(og_model, [int(x) for x in og_tok.encode(t)]) for t in texts]
+    try:
+        runs = [_genai_run(og_model, [int(x) for x in og_tok.encode(t)]) for t in texts]
+    except RuntimeError as e:  # a kernel refusing the graph's shapes
+        raise ToolchainError(f"{onnx_dir}: onnxruntime-genai cannot run the exported model: {e}") from e
     del og_model, og_tok  # torch and onnxruntime never hold the weights at the same time
     gc.collect()
     refs = _torch_logits(model_dir, [seq for seq, _ in runs], trust_remote_code)
@@ -305,8 +334,9 @@ def export(model_dir: Path, out: Path, exporter: str = "genai", precision: str =
            trust_remote_code: bool = False) -> dict:
     """Export `model_dir` (an HF folder, e.g. from `toolchain merge`) into `out`, an onnxruntime-genai folder with
     export_report.json; raise ToolchainError, writing nothing, if the ONNX model does not match torch. "genai" on a
-    model the builder would give a wrong LM head (builder_lm_head_clash) exports with optimum: the report's
-    exporter says which ran, requested_exporter and fallback_reason why."""
+    model the builder would give a wrong LM head (builder_lm_head_clash), or whose attention shapes ONNX Runtime's
+    CPU kernel refuses (builder_cpu_attention_reason), exports with optimum: the report's exporter says which ran,
+    requested_exporter and fallback_reason why."""
     model_dir, out = Path(model_dir), Path(out)
     if exporter not in EXPORTERS:
         raise ToolchainError(f"unknown exporter '{exporter}'; choose one of: {', '.join(EXPORTERS)}")
@@ -316,7 +346,7 @@ def export(model_dir: Path, out: Path, exporter: str = "genai", precision: str =
     cfg = check_source(model_dir)
     requested, fallback = exporter, None
     if exporter == "genai":
-        fallback = builder_clash_reason(model_dir, trust_remote_code)
+        fallback = builder_cpu_attention_reason(cfg) or builder_clash_reason(model_dir, trust_remote_code)
         if fallback:
             exporter = "optimum"
     t0 = time.perf_counter()

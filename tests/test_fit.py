@@ -1,0 +1,102 @@
+"""The pre-flight fit check (config/fit.py): a run that will not fit stops before any stage, with the fix named."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, tiny_recipe_file
+from toolchain.config import fit
+from toolchain.config.catalog import load_recipe
+from toolchain.config.schema import Launch
+from toolchain.config.shapes import phi3_config
+from toolchain.runtime.errors import ToolchainError
+
+GB = fit.GB
+# Llama-3.1-405B's shape: no machine the tests run on holds it
+HUGE = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 16384, "intermediate_size": 53248,
+        "num_hidden_layers": 126, "num_attention_heads": 128, "num_key_value_heads": 8, "vocab_size": 128256,
+        "max_position_embeddings": 8192, "torch_dtype": "bfloat16"}
+
+
+@pytest.fixture
+def mini(tmp_path):
+    d = tmp_path / "phi-3-mini-config"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(phi3_config("phi-3-mini")))
+    return d
+
+
+def recipe(**method):
+    rec, _ = load_recipe("chat-lora")
+    return rec.model_copy(update={"method": rec.method.model_copy(update=method)}) if method else rec
+
+
+def test_huge_config_exits_2_before_writing_anything(tmp_path):
+    model = tmp_path / "huge"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(HUGE))  # only a config: no stage may get as far as the weights
+    rec = tiny_recipe_file(tmp_path)
+    out = tmp_path / "artifacts"
+    r = subprocess.run([sys.executable, "-m", "toolchain", "edge", "--model", str(model), "--recipe", str(rec),
+                        "--target", "cpu-int4", "--out", str(out)], capture_output=True, text=True, cwd=REPO,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2, r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert "will not fit: the finetune stage needs about" in line and "GB is available" in line
+    assert "QLoRA (--method qlora)" in line and "--launcher deepspeed --zero 3" in line and "--no-fit-check" in line
+    assert not out.exists()
+
+
+def test_first_stage_over_the_ram_is_named_with_its_fixes(mini, tmp_path):
+    # LoRA on the fp32 3.8B base with chat-lora's batch: the fine-tune is over 16 GB
+    with pytest.raises(ToolchainError, match=r"the finetune stage needs about \d+\.\d GB of RAM \(lora on a fp32 base.*"
+                                             r"3\.82B parameters\) but 16\.0 GB is available; fixes: QLoRA"):
+        fit.check_fit(mini, recipe(), "cpu-int4", tmp_path, available=16 * GB, free=1000 * GB)
+    # QLoRA at batch 1 fits the fine-tune there; the fp32 merge does not, and QLoRA is no fix for it
+    with pytest.raises(ToolchainError, match="the merge stage needs") as e:
+        fit.check_fit(mini, recipe(type="qlora").model_copy(update={"train": recipe().train.model_copy(
+            update={"batch_size": 1})}), "cpu-int4", tmp_path, available=16 * GB, free=1000 * GB)
+    assert "QLoRA" not in str(e.value).split("fixes:")[1] and "a machine with at least 30 GB of available RAM" in str(e.value)
+
+
+def test_disk_is_checked_at_out(mini, tmp_path):
+    with pytest.raises(ToolchainError, match=r"the stages write about \d+\.\d GB under .* but 1\.0 GB is free"):
+        fit.check_fit(mini, recipe(), "cpu-int4", tmp_path / "not" / "yet", available=1000 * GB, free=1 * GB)
+    needs = fit.check_fit(mini, recipe(), "cpu-int4", tmp_path / "not" / "yet", available=1000 * GB, free=1000 * GB)
+    assert [n.stage for n in needs] == ["finetune", "merge", "export", "reference", "quantize", "package", "validate"]
+    assert fit.disk_free(tmp_path / "not" / "yet") > 0  # the nearest existing parent's file system
+
+
+def test_the_estimate_moves_with_the_settings_that_change_memory():
+    cfg = phi3_config("phi-3-mini")
+
+    def ft(rec, launch=Launch(), target="cpu-int4"):
+        return {n.stage: n for n in fit.estimate(cfg, rec, target, launch)}["finetune"].ram
+
+    base = recipe()
+    assert ft(recipe(type="qlora")) < ft(base) < ft(recipe(type="full"))
+    checkpointed = base.model_copy(update={"train": base.train.model_copy(update={"gradient_checkpointing": True})})
+    assert ft(checkpointed) < ft(base)
+    shorter = base.model_copy(update={"data": base.data.model_copy(update={"max_length": 64})})
+    assert ft(shorter) < ft(base)
+    # ZeRO-2 ranks each hold the base; ZeRO-3 over two nodes shards it
+    two_ranks = Launch(launcher="deepspeed", nproc=2, zero=2)
+    assert ft(base, two_ranks) > ft(base)
+    assert ft(base, Launch(launcher="deepspeed", nproc=1, zero=3, nnodes=2)) < ft(base)
+    by_target = {t: {n.stage: n for n in fit.estimate(cfg, base, t)}["package"].disk
+                 for t in ("cpu-int4", "cpu-int8", "cpu-fp32")}
+    assert by_target["cpu-int4"] < by_target["cpu-int8"] < by_target["cpu-fp32"]
+
+
+def test_tiny_model_fits(tiny_phi3, tmp_path):
+    needs = fit.check_fit(tiny_phi3, recipe(), "cpu-int4", tmp_path)  # this machine's MemAvailable and disk
+    assert max(n.ram for n in needs) < 2 * GB and sum(n.disk for n in needs) < 0.1 * GB
+
+
+def test_unreadable_config_is_a_clear_error(tmp_path):
+    with pytest.raises(ToolchainError, match="cannot read the model's config for the fit check"):
+        fit.check_fit(tmp_path, recipe(), "cpu-int4", tmp_path)

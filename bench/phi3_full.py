@@ -29,6 +29,10 @@ PHI3_MINI = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
                  original_max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-5, sliding_window=2047,
                  rope_scaling=None, tie_word_embeddings=False, hidden_act="silu")
 SHARD_BYTES = 2 * 1024**3
+# one step of batch 2 (the figure is seconds per step) and a 2-example generation eval, on 8 held-out examples
+EDGE_SETS = ("train.batch_size=2", "metric.eval_limit=2", "train.checkpoint_every=0")
+EDGE_COMMAND = ("toolchain edge --model phi-3-mini --model-path {model} --recipe chat-lora --max-steps 1 "
+                "--eval-data {eval} --out {out} " + " ".join(f"--set {s}" for s in EDGE_SETS))
 
 
 def make(out: Path) -> dict:
@@ -123,6 +127,19 @@ def stage(name: str, work: Path) -> dict:
         rep = finetune(src, loaded.recipe, loaded.file, work / name, evaluate=False, launch=Launch())
         return {"seconds_total": round(time.time() - t0, 1), "train": rep.get("train"),
                 "step_seconds": rep.get("step_seconds") or rep.get("train", {}).get("seconds_per_step")}
+    if name == "edge":  # the whole chain as a user runs it, in one process: the engine's per-stage cost
+        from toolchain import pipeline
+
+        eval_file = work / "eval8.jsonl"
+        eval_file.write_text("".join((REPO / "recipes/data/chat-lora/eval.jsonl").read_text().splitlines(True)[:8]))
+        rep = pipeline.edge("phi-3-mini", "chat-lora", target="cpu-int4", out=work / "artifacts", max_steps=1,
+                            model_path=str(model), eval_data=str(eval_file), sets=EDGE_SETS)
+        h = rep["headline"]
+        return {"command": EDGE_COMMAND.format(model=model, eval=eval_file, out=work / "artifacts"),
+                "status": rep["status"], "gates": rep.get("gates"), "size_mb": h["size_mb"],
+                "fp32_size_mb": h["fp32_size_mb"], "decode_tok_s": h["decode_tok_s"], "stages": h["stages"],
+                "delta_perplexity_vs_fp32_pct": h["delta_perplexity_vs_fp32_pct"],
+                "metric": {k: h[k] for k in ("metric", "base_torch", "tuned_torch", "onnx_fp32", "artifact_metric")}}
     if name == "merge":
         from toolchain.stages.merge import merge
 

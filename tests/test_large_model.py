@@ -22,7 +22,7 @@ def bf16_copy(src: Path, out: Path) -> Path:
     w = {k: v.to(torch.bfloat16) for k, v in load_file(out / "model.safetensors").items()}
     save_file(w, out / "model.safetensors", metadata={"format": "pt"})
     cfg = json.loads((out / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps({**cfg, "torch_dtype": "bfloat16"}))
+    (out / "config.json").write_text(json.dumps({**cfg, "dtype": "bfloat16"}))
     return out
 
 

@@ -85,7 +85,7 @@ def test_streaming_merge_equals_the_in_memory_merge(tiny_phi3, tiny_recipe, tmp_
     from toolchain.stages.merge import merge as run
 
     rep = run(resolve(str(tiny_phi3)), ft, tmp_path / "stream", stream=True)
-    assert rep["streamed"] and rep["passed"] and rep["checked_in"] == "float32"
+    assert rep["streamed"] and rep["passed"] and rep["checked"] == "first 2 decoder layers in float32"
     a, b = load_file(tmp_path / "mem/model.safetensors"), load_file(tmp_path / "stream/model.safetensors")
     assert a.keys() == b.keys()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
@@ -95,9 +95,9 @@ def test_streaming_merge_equals_the_in_memory_merge(tiny_phi3, tiny_recipe, tmp_
     w = {k: v.to(torch.bfloat16) for k, v in load_file(half / "model.safetensors").items()}
     save_file(w, half / "model.safetensors", metadata={"format": "pt"})
     cfg = json.loads((half / "config.json").read_text())
-    (half / "config.json").write_text(json.dumps({**cfg, "torch_dtype": "bfloat16"}))
+    (half / "config.json").write_text(json.dumps({**cfg, "dtype": "bfloat16"}))
     rep = run(resolve(str(half)), ft, tmp_path / "stream-bf16", stream=True)
-    assert rep["passed"] and rep["checked_in"] == "bfloat16" and rep["relative_diff"] < 2e-2
+    assert rep["passed"] and rep["relative_diff"] < 1e-2 and rep["top1_agreement"] >= 0.95
     merged = load_file(tmp_path / "stream-bf16/model.safetensors")
     assert {v.dtype for v in merged.values()} == {torch.bfloat16}
     assert not torch.equal(merged["model.layers.0.self_attn.qkv_proj.weight"], w["model.layers.0.self_attn.qkv_proj.weight"])

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from toolchain.config.schema import Launch, Recipe
-from toolchain.config.shapes import param_count
+from toolchain.config.shapes import LARGE_MODEL_BYTES, param_count, weight_bytes
 from toolchain.runtime.errors import ToolchainError
 
 GB = 1024 ** 3
@@ -58,6 +58,13 @@ REFERENCE_FP32 = 1.5
 QUANTIZE_FP32 = 1.3
 # validate: an ONNX Runtime GenAI session over the artifact's weights, 1.5x the artifact (prepacking, KV cache).
 VALIDATE_ARTIFACT = 1.5
+
+# The large-model path (weights over config.shapes.LARGE_MODEL_BYTES; pipeline.py): every stage holds the weights in
+# their own dtype (bf16 for Phi-3-mini), at most once. Multiples of those bytes, measured on a random-weight
+# Phi-3-mini (bench/phi3_full.py, bench/results/phi3-full-*.json):
+LARGE_MERGE = 1.0  # one shard merged in memory; the parity check maps the merged model, then base + adapter
+LARGE_REFERENCE = 1.0  # the merged torch model, mmap'd, and the eval batch's activations
+LARGE_BUILD = 1.3  # the torch model mapped in by the builder, plus the int4 weights it makes and saves
 
 # ---------------------------------------------------------------- disk (bytes per parameter written under --out)
 # merged: fp32 safetensors (the merge stage saves its fp32 model). export: fp32 ONNX. A full fine-tune also writes
@@ -106,7 +113,9 @@ def estimate(cfg: dict, rec: Recipe, target: str, launch: Launch = Launch()) -> 
     world = ranks_here * (launch.nnodes if launch.launcher == "deepspeed" else 1)
     zero3 = launch.launcher == "deepspeed" and launch.zero == 3
     method = rec.method.type
-    bf16 = rec.train.bf16 == "on" and world == 1  # "auto" counted as fp32 (the conservative case); ranks train fp32
+    own = weight_bytes(cfg)
+    large = own > LARGE_MODEL_BYTES  # trains in the weights' own dtype, never fp32 (pipeline.py)
+    bf16 = (rec.train.bf16 == "on" or large) and world == 1  # "auto" counted as fp32 (the conservative case)
     dtype_bytes = 2 if bf16 else 4
     micro = rec.train.batch_size / rec.train.grad_accum / world
     act = _activations(cfg, rec, micro, dtype_bytes) * ranks_here
@@ -125,11 +134,21 @@ def estimate(cfg: dict, rec: Recipe, target: str, launch: Launch = Launch()) -> 
     precision = _target_precision(target)
     art = linear * TARGET_BYTES_PER_PARAM[precision] + (total - linear) * 4
     ft_disk = total * FULL_FINETUNE_BYTES_PER_PARAM if method == "full" else 0
+    finetune = Need("finetune", RUNTIME_OVERHEAD + states * copies + act, ft_disk,
+                    f"{what}, max_length {rec.data.max_length}, batch {rec.train.batch_size}"
+                    f"{' / ' + str(rec.train.grad_accum) + ' micro-batches' if rec.train.grad_accum > 1 else ''}"
+                    f"{', gradient checkpointing' if rec.train.gradient_checkpointing else ''}{launch_note}")
+    if large:
+        return [
+            finetune,
+            Need("merge", RUNTIME_OVERHEAD + own * LARGE_MERGE, own, "shard by shard in the weights' own dtype"),
+            Need("reference", RUNTIME_OVERHEAD + own * LARGE_REFERENCE, 0, "the merged torch model in its own dtype"),
+            Need("quantize", RUNTIME_OVERHEAD + own * LARGE_BUILD, art, f"the builder, {precision} as built"),
+            Need("package", RUNTIME_OVERHEAD, art, "the artifact's files copied"),
+            Need("validate", RUNTIME_OVERHEAD + art * VALIDATE_ARTIFACT, 0, f"an ONNX Runtime session over the {precision} artifact"),
+        ]
     return [
-        Need("finetune", RUNTIME_OVERHEAD + states * copies + act, ft_disk,
-             f"{what}, max_length {rec.data.max_length}, batch {rec.train.batch_size}"
-             f"{' / ' + str(rec.train.grad_accum) + ' micro-batches' if rec.train.grad_accum > 1 else ''}"
-             f"{', gradient checkpointing' if rec.train.gradient_checkpointing else ''}{launch_note}"),
+        finetune,
         Need("merge", RUNTIME_OVERHEAD + fp32 * MERGE_FP32 + min(fp32, SAVE_SHARD_BYTES),
              total * MERGED_BYTES_PER_PARAM, "the fp32 model, adapter merged in, saved as safetensors"),
         Need("export", RUNTIME_OVERHEAD + fp32 * EXPORT_FP32, total * EXPORT_BYTES_PER_PARAM,

@@ -86,3 +86,20 @@ def param_count(cfg: dict) -> int:
     head = 0 if cfg.get("tie_word_embeddings") else vocab * h
     return vocab * h + layers * per_layer + h + head
 
+
+# Above this much weight on disk the chain works in the weights' own dtype and never makes an fp32 copy (the
+# pipeline's large-model path): an fp32 Phi-3-mini (7.6 GB in bf16) is 15 GB, twice what its stages may hold.
+LARGE_MODEL_BYTES = 2 * 1024**3
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def config_dtype_name(cfg: dict) -> str:
+    """The weights' dtype as config.json names it: `dtype` (transformers >= 4.56 writes it) or the older
+    `torch_dtype`; float32 when it names none."""
+    return cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+
+
+def weight_bytes(cfg: dict) -> int:
+    """The weights' size in the dtype config.json names."""
+    return param_count(cfg) * DTYPE_BYTES.get(config_dtype_name(cfg), 4)
+

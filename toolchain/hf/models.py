@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 
+from toolchain.config.shapes import LARGE_MODEL_BYTES  # above it: the weights' own dtype, never an fp32 copy
 from toolchain.hf.data import IGNORE
 
-
 BF16_MIN_SPEEDUP = 1.2  # bf16 must beat fp32 by this much on the probe to be used
-# Above this much safetensors on disk the torch side works in the weights' own dtype: an fp32 copy of Phi-3-mini
-# (7.6 GB in bf16) is 15 GB, twice what its stages may hold. Below it, fp32: the exact reference, and cheap.
-LARGE_MODEL_BYTES = 2 * 1024**3
 
 
 def weights_bytes(model_dir: Path) -> int:
@@ -19,10 +17,12 @@ def weights_bytes(model_dir: Path) -> int:
 
 
 def config_dtype(model_dir: Path) -> torch.dtype:
-    """The dtype config.json names for the weights (torch_dtype; fp32 when it names none)."""
+    """The dtype config.json names for the weights (config.shapes.config_dtype_name)."""
     import json
 
-    name = json.loads((Path(model_dir) / "config.json").read_text()).get("torch_dtype") or "float32"
+    from toolchain.config.shapes import config_dtype_name
+
+    name = config_dtype_name(json.loads((Path(model_dir) / "config.json").read_text()))
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
 
 
@@ -107,11 +107,13 @@ def user_prompt(tok, text: str) -> str:
     return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
 
 
-def load_causal_lm(path: Path, trust_remote_code: bool = False, dtype=torch.float32):
+def load_causal_lm(path: Path, trust_remote_code: bool = False, dtype=torch.float32, layers: Optional[int] = None):
+    """layers: only the first `layers` decoder layers (and the embeddings, final norm and head): a cheap check."""
     from transformers import AutoModelForCausalLM
 
+    extra = {"num_hidden_layers": layers} if layers else {}
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **extra
     )
     model.eval()
     return model

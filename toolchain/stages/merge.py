@@ -10,7 +10,7 @@ merging cost. A full fine-tune has nothing to merge: its weights are copied and 
 
 A LoRA adapter on a base larger than hf.models.LARGE_MODEL_BYTES (Phi-3-mini: 7.6 GB in bf16) is merged shard by shard in
 the base's own dtype (merge_streaming): one shard in memory at a time, never an fp32 copy of the model. Its parity
-check then loads the merged model and base + adapter one after the other, in that dtype.
+check loads the first PARITY_LAYERS layers of the merged model and of base + adapter, one after the other, in fp32.
 """
 from __future__ import annotations
 
@@ -27,11 +27,13 @@ from toolchain.hf.models import LARGE_MODEL_BYTES, config_dtype, load_causal_lm,
 from toolchain.config.sources import Resolved
 
 TOLERANCE = 1e-3
-# A bf16/fp16 merge rounds W + BA once to 16 bits, where base + adapter adds BA to each activation: logits differ by
-# rounding, not by a wrong merge (a wrong key or scale moves them by the adapter's whole effect). Relative to the
-# largest logit, with top-1 agreement on nearly every position (a random model's near-ties flip: 0.989 on the tests'
-# tiny Phi-3). A weight name the base lacks is refused before this check.
-HALF_TOLERANCE = 2e-2
+# A large model's merge is checked on its first PARITY_LAYERS decoder layers, in fp32 (a few GB for Phi-3-mini):
+# merged vs base + adapter. A bf16/fp16 merge rounds W + BA once to 16 bits, so there the logits may differ by that
+# rounding, relative to the largest logit; on all 32 layers of a random-weight Phi-3-mini in bf16 arithmetic the two
+# differed by 5.7e-2 with top-1 0.909 (random weights amplify rounding layer by layer). A weight name the base
+# lacks is refused before this check.
+PARITY_LAYERS = 2
+HALF_TOLERANCE = 1e-2
 HALF_MIN_TOP1 = 0.95
 PROMPTS = [
     "Hi, this is Ada Lovelace. I'd like 2 tickets for the Paris show on 3 May, please.",
@@ -63,7 +65,7 @@ def merge(src: Resolved, adapter: Path, out: Path, merge_into: Optional[str] = N
 
     adir = adapter_dir(adapter)
     if stream is None:
-        stream = streamable(adir) is None and weights_bytes(src.path) > LARGE_MODEL_BYTES
+        stream = streamable(adir, merge_into) is None and weights_bytes(src.path) > LARGE_MODEL_BYTES
     if stream:
         return merge_streaming(src, adir, Path(out))
     trust_remote_code = src.trust_remote_code
@@ -104,22 +106,26 @@ def merge(src: Resolved, adapter: Path, out: Path, merge_into: Optional[str] = N
     return report
 
 
-def streamable(adir: Path) -> Optional[str]:
-    """Why this adapter cannot be merged tensor by tensor (None: it can): W' = W + scale * B @ A per target."""
+def streamable(adir: Path, merge_into: Optional[str] = None) -> Optional[str]:
+    """Why this adapter cannot be merged tensor by tensor (None: it can): W' = W + scale * B @ A per target. A QLoRA
+    adapter can, into the full-precision base (method.merge_into: base, or `merge_into`)."""
     f = adir / "adapter_config.json"
     if not f.is_file():
         return "a full fine-tune has no adapter"
     cfg = json.loads(f.read_text())
     rec = _trained_recipe(adir)
     why = {"not LoRA": cfg.get("peft_type") != "LORA", "DoRA rescales each column": cfg.get("use_dora"),
-           "QLoRA merges into a chosen base": rec is not None and rec.method.type == "qlora",
+           "QLoRA merged into its dequantized NF4 base": rec is not None and rec.method.type == "qlora" and
+           (merge_into or rec.method.merge_into) != "base",
            "per-module ranks": cfg.get("rank_pattern") or cfg.get("alpha_pattern"),
            "modules_to_save": cfg.get("modules_to_save"), "fan_in_fan_out": cfg.get("fan_in_fan_out")}
     return next((k for k, v in why.items() if v), None)
 
 
 def merge_streaming(src: Resolved, adir: Path, out: Path) -> dict:
-    """W + scale * B @ A for each adapted weight, one base shard at a time, in the base's dtype (computed in fp32)."""
+    """W + scale * B @ A for each adapted weight, one base shard at a time, in the base's dtype (computed in fp32).
+    A QLoRA adapter goes into the full-precision base; the in-memory merge's report of what that cost against the
+    NF4 model it trained on (qlora_merge_cost) needs the model twice, so it is not made here."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
@@ -171,32 +177,32 @@ def merge_streaming(src: Resolved, adir: Path, out: Path) -> dict:
 
 
 def _parity_one_at_a_time(src: Resolved, adir: Path, merged_dir: Path, tok) -> dict:
-    """Logits of the merged model, then of base + adapter, each loaded in the base's dtype and freed before the
-    other: never two copies in memory."""
+    """Logits of the merged model's first PARITY_LAYERS layers, then of base + adapter's, in fp32, each loaded and
+    freed before the other: never two copies, never the whole model in fp32."""
     import gc
 
     from peft import PeftModel
 
-    dtype = config_dtype(src.path)  # the merged weights' own
+    half = config_dtype(src.path) != torch.float32
     tok.padding_side = "right"
     batch = tok([user_prompt(tok, p) for p in PROMPTS], return_tensors="pt", padding=True, add_special_tokens=False)
     mask = batch["attention_mask"].bool()
-    m = load_causal_lm(merged_dir, src.trust_remote_code, dtype=dtype)
+    m = load_causal_lm(merged_dir, src.trust_remote_code, layers=PARITY_LAYERS)
     after = _logits(m, batch)
     del m
     gc.collect()
-    m = PeftModel.from_pretrained(load_causal_lm(src.path, src.trust_remote_code, dtype=dtype), adir).eval()
+    m = PeftModel.from_pretrained(load_causal_lm(src.path, src.trust_remote_code, layers=PARITY_LAYERS), adir).eval()
     before = _logits(m, batch)
     del m
     gc.collect()
     diff = float((before - after).abs()[mask].max())
     rel = diff / max(float(before.abs()[mask].max()), 1e-12)
     top1 = float((before.argmax(-1) == after.argmax(-1))[mask].float().mean())
-    half = dtype != torch.float32
     passed = (rel <= HALF_TOLERANCE and top1 >= HALF_MIN_TOP1) if half else diff <= TOLERANCE
     return {"max_abs_logit_diff": diff, "relative_diff": rel, "top1_agreement": top1, "prompts": len(PROMPTS),
+            "checked": f"first {PARITY_LAYERS} decoder layers in float32",
             "tolerance": f"{HALF_TOLERANCE} of the largest logit, top-1 >= {HALF_MIN_TOP1}" if half else TOLERANCE,
-            "checked_in": str(dtype).removeprefix("torch."), "passed": passed}
+            "passed": passed}
 
 
 def _trained_recipe(adir: Path):

@@ -83,7 +83,9 @@ def finetune(src: Resolved, rec: Recipe, rec_file: Path, out: Path, *, evaluate:
     if state and world == 1:
         start, log = ckpt.restore(state, net, opt)
         print(f"resuming from the checkpoint at step {start} in {ckpt.folder}", flush=True)
-    precision = "nf4+" + compute_dtype(method.compute_dtype) if method.type == "qlora" else ("bf16 base" if bf16 else "fp32")
+    base_dtype = torch.bfloat16 if bf16 else dtype
+    precision = "nf4+" + compute_dtype(method.compute_dtype) if method.type == "qlora" else \
+        {torch.bfloat16: "bf16 base", torch.float16: "fp16 base"}.get(base_dtype, "fp32")
 
     net.train()
     t0, cpu0, tokens = time.time(), time.process_time(), 0

@@ -362,3 +362,43 @@ def test_cuda_int4_adapters_build_and_their_graph_runs_on_cpu(built, tiny_phi3, 
     export_genai(tiny_phi3, tmp_path / "baked", "int4", tmp_path, False, "cuda",
                  BUILDER_OPTIONS["int4"] + (f"adapter_path={adapter}", f"int4_nodes_to_exclude={exclude}"))
     assert _greedy(genai.load(art, adapter="classify")[0], prompts) == _greedy(genai.load(tmp_path / "baked")[0], prompts)
+
+
+def test_chat_and_generate_with_an_adapter(built, tmp_path):
+    """`toolchain chat/generate --adapter NAME` answer with that adapter's tokens (as genai.load(adapter=NAME) does),
+    /adapter switches mid-conversation, and an unknown name, a plain artifact or a flipped byte is a clear error;
+    torch is never imported."""
+    from toolchain.runtime.chat import Chat
+
+    _, _, _, art = built
+    prompt = "Book 2 seats in Oslo for 3 May. Name: Ana Lee."
+    c = Chat(art, adapter="classify")
+    want = {}
+    for n in (*NAMES, None):
+        alone, _ = genai.load(art, adapter=n) if n else genai.load(art)
+        want[n] = genai.generate(alone, c.prompt_ids(prompt), 12, eos=c.eos).tokens
+    assert c.adapters == sorted(NAMES) and c.adapter == "classify"
+    assert c.ask(prompt, 12).tokens == [t for t in want["classify"] if t not in c.eos]
+    c.reset()
+    c.use("chat-lora")
+    assert c.ask(prompt, 12).tokens == [t for t in want["chat-lora"] if t not in c.eos]
+    with pytest.raises(ToolchainError, match="adapter 'qa' is not loaded; loaded: chat-lora, classify"):
+        c.use("qa")
+    r = subprocess.run([sys.executable, "-c", BLOCK_TORCH + "from toolchain.cli import main; main()", "chat", str(art),
+                        "--adapter", "chat-lora", "--max-new-tokens", "12"],
+                       input=f"{prompt}\n/adapter none\n/reset\n{prompt}\n/adapter qa\n", capture_output=True,
+                       text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert "(adapter: none, the base alone; loaded: chat-lora, classify)" in r.stderr
+    assert "adapter 'qa' is not loaded" in r.stderr and r.stderr.count("tokens, ") == 2
+    gen = subprocess.run([sys.executable, "-m", "toolchain", "generate", str(art), "-p", prompt, "--adapter", "classify",
+                          "--max-new-tokens", "12", "--json"], capture_output=True, text=True, cwd=REPO)
+    assert gen.returncode == 0, gen.stderr
+    assert json.loads(gen.stdout)["tokens"] == [t for t in want["classify"] if t not in c.eos]
+    bad = _copy(art, tmp_path / "flipped")
+    f = bad / "adapters" / "classify.onnx_adapter"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(ToolchainError, match="sha256 differs from the manifest"):
+        Chat(bad, adapter="chat-lora")

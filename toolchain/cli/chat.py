@@ -14,6 +14,8 @@ artifact_arg = click.argument("artifact", type=click.Path())
 system_opt = click.option("--system", default=None, metavar="TEXT", help="A system message to start from.")
 max_new_opt = click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True,
                            metavar="N", help="Stop an answer after N new tokens.")
+adapter_opt = click.option("--adapter", default=None, metavar="NAME",
+                           help="A multi-adapter artifact: answer with this adapter (default: the base alone).")
 threads_opt = click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
                            help="Intra-op threads (default: the artifact's device_profile.json, else every usable core).")
 
@@ -28,12 +30,13 @@ def _say(text: str) -> None:
     sys.stdout.flush()
 
 
-def _open(artifact, system, threads, raw=False):
+def _open(artifact, system, threads, raw=False, adapter=None):
     from toolchain.runtime import host, session
     from toolchain.runtime.chat import Chat
 
-    c = Chat(Path(artifact), system=system, threads=threads, raw=raw)
-    detail(f"{artifact}: {session.one_line(c.settings)}; host {host.one_line(host.describe(session.threads(c.settings)))}")
+    c = Chat(Path(artifact), system=system, threads=threads, raw=raw, adapter=adapter)
+    ads = f"; adapters {', '.join(c.adapters)}, answering with {c.adapter or 'the base alone'}" if c.adapters else ""
+    detail(f"{artifact}: {session.one_line(c.settings)}; host {host.one_line(host.describe(session.threads(c.settings)))}{ads}")
     for w in session.warnings(c.settings):
         err_console.print(f"warning: {w}")
     return c
@@ -43,21 +46,24 @@ def _open(artifact, system, threads, raw=False):
 Examples:
   toolchain chat artifacts/smollm2-135m-chat-lora/cpu-int4
   toolchain chat cpu-int4/ -p "Book 2 seats in Oslo for 3 May. Name: Ana Lee."
-  printf 'hi\\n/reset\\nhello again\\n' | toolchain chat cpu-int4/""")
+  printf 'hi\\n/reset\\nhello again\\n' | toolchain chat cpu-int4/
+  toolchain chat artifacts/smollm2-135m-adapters/cpu-int4 --adapter classify""")
 @artifact_arg
 @system_opt
+@adapter_opt
 @click.option("-p", "--prompt", default=None, metavar="PROMPT", help="Answer this one prompt, then exit.")
 @click.option("--lookup", type=click.IntRange(min=0), default=0, show_default=True, metavar="K",
               help="Prompt-lookup decoding with drafts of up to K tokens (the answer prints when complete).")
 @max_new_opt
 @threads_opt
-def chat(artifact, system, prompt, lookup, max_new_tokens, threads):
+def chat(artifact, system, adapter, prompt, lookup, max_new_tokens, threads):
     """Talk to an artifact with its own chat template, the answer streamed as it is produced; `[N tokens, X tok/s]`
     after each answer on stderr.
 
-    With a terminal: a conversation (/reset forgets it, /exit or Ctrl-D ends it). With -p: one answer. With stdin
-    piped: each line is a turn of one conversation."""
-    c = _open(artifact, system, threads)
+    With a terminal: a conversation (/reset forgets it, /exit or Ctrl-D ends it; on a multi-adapter artifact
+    /adapter NAME switches adapters, /adapter none to the base alone). With -p: one answer. With stdin piped: each
+    line is a turn of one conversation."""
+    c = _open(artifact, system, threads, adapter=adapter)
 
     def turn(text: str) -> None:
         a = c.ask(text, max_new_tokens, on_text=_say, lookup=lookup)
@@ -90,6 +96,14 @@ def chat(artifact, system, prompt, lookup, max_new_tokens, threads):
         if line == "/reset":
             c.reset()
             note("(conversation cleared)")
+        elif line == "/adapter" or line.startswith("/adapter "):
+            name = line.split(maxsplit=1)[1] if " " in line else None
+            try:
+                if name is not None:
+                    c.use(None if name == "none" else name)
+                note(f"(adapter: {c.adapter or 'none, the base alone'}; loaded: {', '.join(c.adapters) or 'none'})")
+            except ToolchainError as e:
+                click.echo(f"error: {e}", err=True)
         elif line:
             try:
                 turn(line)
@@ -112,10 +126,11 @@ Examples:
 @system_opt
 @max_new_opt
 @click.option("--raw", is_flag=True, help="Send the prompt as it is, without the chat template.")
+@adapter_opt
 @threads_opt
 @click.option("--json", "as_json", is_flag=True,
               help="Print {text, tokens, prompt_tokens, new_tokens, ttft_ms, decode_tok_s, stopped}.")
-def generate(artifact, prompt, system, max_new_tokens, raw, threads, as_json):
+def generate(artifact, prompt, system, max_new_tokens, raw, adapter, threads, as_json):
     """One completion, for scripts: greedy, printed when complete."""
-    a = _open(artifact, system, threads, raw).ask(prompt, max_new_tokens)
+    a = _open(artifact, system, threads, raw, adapter).ask(prompt, max_new_tokens)
     click.echo(json.dumps(a.out()) if as_json else a.text)

@@ -41,12 +41,15 @@ def _context_length(folder: Path) -> int:
 
 class Chat:
     """One conversation with an artifact. raw: the prompt goes to the model as it is, without the chat template
-    (and without the conversation so far)."""
+    (and without the conversation so far). adapter: on a multi-adapter artifact, the adapter to answer with (None:
+    the base alone); every adapter is checked against the manifest and loaded once, and use() switches between
+    requests."""
 
-    def __init__(self, folder: Path, system: Optional[str] = None, threads: Optional[int] = None, raw: bool = False):
+    def __init__(self, folder: Path, system: Optional[str] = None, threads: Optional[int] = None, raw: bool = False,
+                 adapter: Optional[str] = None):
         self.folder = Path(folder)
         self.context = _context_length(self.folder)
-        provider, options = "cpu", None
+        provider, options, man = "cpu", None, {}
         if (self.folder / manifest.MANIFEST).is_file():
             man = manifest.read(self.folder)
             if man.get("model_card", {}).get("kind") == "encoder":
@@ -60,10 +63,33 @@ class Chat:
             raise ToolchainError("--system goes into the chat template, which --raw skips: drop one of them")
         self.settings = session.resolve(self.folder, threads)
         self.model, self.tok = genai.load(self.folder, provider, options, self.settings)
+        self.adapters = sorted((man.get("adapters") or {}))
+        if adapter is not None and not self.adapters:
+            raise ToolchainError(f"{self.folder}: --adapter {adapter}: this artifact has no adapters (its manifest "
+                                 "lists none); build one with `toolchain edge --adapters RECIPE,RECIPE`")
+        if self.adapters:
+            import onnxruntime_genai as og
+
+            from toolchain.runtime.adapters import check_entry
+
+            model = genai.Adapted(self.model, og.Adapters(self.model))
+            for name in self.adapters:
+                model = model.load(name, self.folder / check_entry(self.folder, man, name)["file"])
+            self.model = model.use(adapter)
         self.eos = genai.eos_ids(self.tok)
         self.system, self.raw = system, raw
         self.messages: list[dict] = []
         self.reset()
+
+    @property
+    def adapter(self) -> Optional[str]:
+        return getattr(self.model, "name", None)
+
+    def use(self, adapter: Optional[str]) -> None:
+        """Answer with another adapter (None: the base alone) from the next request on; the conversation stays."""
+        if not self.adapters:
+            raise ToolchainError(f"{self.folder}: this artifact has no adapters")
+        self.model = self.model.use(adapter)
 
     def reset(self) -> None:
         """Forget the conversation (the system message stays)."""

@@ -78,6 +78,7 @@ def make(out: Path) -> dict:
     total = sum(int(torch.Size(s).numel()) * 2 for s in shapes.values())
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                   "weight_map": index}, indent=1))
+    cfg.architectures = ["Phi3ForCausalLM"]  # as the published config.json has it (the builder dispatches on it)
     cfg.save_pretrained(out)
     tok.save_pretrained(out)
     return {"params": sum(int(torch.Size(s).numel()) for s in shapes.values()), "bytes": total, "shards": n}

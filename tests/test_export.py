@@ -128,3 +128,21 @@ def test_builder_targets_refuse_a_clashing_model(phi3_i256, tmp_path):
                                              "onnxruntime-genai .* LM head from model.layers.0.mlp.gate_up_proj"):
         build(phi3_i256, "cuda-fp16", tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_config_without_architectures_is_a_clear_error(tiny_phi3, tmp_path):
+    """The exporters pick the model class from config.json's architectures; a folder without it (a config saved on
+    its own, not with the model) fails before any export work, naming the key."""
+    import json
+    import shutil
+
+    from toolchain.runtime.errors import ToolchainError
+    from toolchain.stages.export.decoder import export
+
+    d = shutil.copytree(tiny_phi3, tmp_path / "no-arch")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.pop("architectures")
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ToolchainError, match="no 'architectures'"):
+        export(d, tmp_path / "out", exporter="genai")
+    assert not (tmp_path / "out").exists()

@@ -70,6 +70,9 @@ def check_source(model_dir: Path) -> dict:
         raise ToolchainError(f"{model_dir}: no *.safetensors weights; export reads safetensors only "
                              "(re-save the model with save_pretrained(..., safe_serialization=True))")
     cfg = json.loads(cfg_file.read_text())
+    if not cfg.get("architectures"):
+        raise ToolchainError(f"{cfg_file}: no 'architectures' (e.g. [\"Phi3ForCausalLM\"]); the exporters pick the "
+                             "model class from it. Add it, as the published config.json has it")
     if cfg.get("quantization_config"):
         raise ToolchainError(f"{cfg_file}: the model is quantized ({cfg['quantization_config'].get('quant_method')}); "
                              "export the full-precision merged folder, then run the quantize stage on the ONNX model")

@@ -60,10 +60,12 @@ QUANTIZE_FP32 = 1.3
 VALIDATE_ARTIFACT = 1.5
 
 # The large-model path (weights over config.shapes.LARGE_MODEL_BYTES; pipeline.py): every stage holds the weights in
-# their own dtype (bf16 for Phi-3-mini), at most once. Multiples of those bytes, measured on a random-weight
-# Phi-3-mini (bench/phi3_full.py, bench/results/phi3-full-*.json):
-LARGE_MERGE = 1.0  # one shard merged in memory; the parity check maps the merged model, then base + adapter
-LARGE_REFERENCE = 1.0  # the merged torch model, mmap'd, and the eval batch's activations
+# their own dtype (bf16 for Phi-3-mini), at most once. Multiples of those bytes (plus RUNTIME_OVERHEAD), measured on
+# a random-weight Phi-3-mini, 7.6 GB in bf16, chat-lora with batch 2 (bench/phi3_full.py,
+# bench/results/phi3-full-2026-12-02.md; in one process, so a stage's peak includes what the last one left):
+# finetune LoRA 10.2 GB (the estimate above: 10.3), QLoRA 6.9 GB (6.6), merge 7.0 GB, reference 9.8 GB, build 10.9 GB.
+LARGE_MERGE = 0.8  # one shard merged in memory (file pages of the next mapped as read); the 2-layer parity check
+LARGE_REFERENCE = 1.15  # the merged torch model, mmap'd, and the eval batch's activations and logits
 LARGE_BUILD = 1.3  # the torch model mapped in by the builder, plus the int4 weights it makes and saves
 
 # ---------------------------------------------------------------- disk (bytes per parameter written under --out)

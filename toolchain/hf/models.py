@@ -108,13 +108,21 @@ def user_prompt(tok, text: str) -> str:
 
 
 def load_causal_lm(path: Path, trust_remote_code: bool = False, dtype=torch.float32, layers: Optional[int] = None):
-    """layers: only the first `layers` decoder layers (and the embeddings, final norm and head): a cheap check."""
+    """layers: only the first `layers` decoder layers (and the embeddings, final norm and head): a cheap check.
+    transformers' warning about the other layers' weights, left unused on purpose, is not shown then."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     extra = {"num_hidden_layers": layers} if layers else {}
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **extra
-    )
+    level = hf_logging.get_verbosity()
+    if layers:
+        hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **extra
+        )
+    finally:
+        hf_logging.set_verbosity(level)
     model.eval()
     return model
 

@@ -42,6 +42,10 @@ def test_tiny_phi3_int4_artifact(tiny_run):
     assert list(cost) == ["finetune", "merged", "export-genai", "reference", "quantize-cpu-int4", "cpu-int4", "validate"]
     assert all(c["seconds"] >= 0 and c["peak_rss_mb"] > 50 and not c["reused"] for c in cost.values()), cost
     assert cost["finetune"]["seconds"] > 0 and cost["export-genai"]["seconds"] > 0
+    # the manifest keeps what each stage cost when built, and the report shows it
+    assert all(s["cost"]["seconds"] >= 0 and s["cost"]["peak_rss_mb"] > 50 for s in man["lineage"]), man["lineage"]
+    assert [b["stage"] for b in rep["build_stages"]] == [s["stage"] for s in man["lineage"]]
+    assert "## How it was built" in (art / "report.md").read_text()
 
 
 def test_unchanged_inputs_reuse_every_stage(tiny_run, tiny_phi3, monkeypatch):

@@ -66,7 +66,9 @@ class Stages:
                                                                  if measured_rss else "[/dim]"))
             rec.write_text(json.dumps({"key": key, "inputs": inputs, "summary": summary, "cost": cost}, indent=2,
                                       default=str))
-        self.lineage.append({"stage": name, "key": key, "out": str(out)})
+        # the lineage (the manifest's) keeps what the stage cost when it was built, in this run or an earlier one
+        built = recorded.get("cost") if reused else cost
+        self.lineage.append({"stage": name, "key": key, "out": str(out), **({"cost": built} if built else {})})
         self.cost[name] = {"reused": reused, **({"seconds": 0.0, "peak_rss_mb": None} if reused else cost)}
         return StageOut(out, key, summary, reused)
 

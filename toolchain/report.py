@@ -80,6 +80,10 @@ def markdown(rep: dict, siblings: dict[str, dict], figure: bool = True) -> str:
         lines.append(f"| greedy token agreement with fp32 ONNX | {_fmt(m['token_agreement_fp32'])} |")
     lines += ["", "## Gates", ""] + [f"- {'PASS' if g['passed'] else 'MISS'} `{g['gate']}`: {_fmt(g['value'])} "
                                      f"(limit {g['limit']})" for g in rep["gates"]] + (["- none set"] if not rep["gates"] else [])
+    if rep.get("build_stages"):
+        lines += ["", "## How it was built", "", "| stage | wall s | peak RSS (MB) |", "|---|---|---|"] + [
+            f"| {b['stage']} | {_fmt(b.get('seconds'), '.1f')} | {_fmt(b.get('peak_rss_mb'), '.0f')} |"
+            for b in rep["build_stages"]]
     lines += [""] + _siblings(siblings, metric)
     return "\n".join(lines + (["", "![targets](report.png)", ""] if figure else [""]))
 

@@ -76,6 +76,7 @@ class Report(_Strict):
     note: Optional[str] = None
     gates_not_applicable: Optional[list[str]] = None
     headline: Optional[dict[str, Any]] = None  # added by `toolchain edge`
+    build_stages: Optional[list[dict[str, Any]]] = None  # the manifest's lineage: each stage's wall s and peak RSS
     # multi-adapter artifacts: one report per adapter, the base alone on each recipe's split, switching times
     adapters: Optional[dict[str, dict[str, Any]]] = None
     base: Optional[dict[str, dict[str, Any]]] = None

@@ -148,7 +148,8 @@ def validate(folder: Path, data: Optional[Path] = None, progress=None, lookup: i
     settings = session.resolve(folder, threads)
     base = {"artifact": str(folder), "target": target["name"], "ep": target.get("ep", "CPUExecutionProvider"),
             "precision": target.get("precision"), "reference": man.get("reference", {}),
-            "host": host.describe(session.threads(settings)), "session": settings}
+            "host": host.describe(session.threads(settings)), "session": settings,
+            "build_stages": [{"stage": x["stage"], **x["cost"]} for x in man.get("lineage", []) if x.get("cost")] or None}
     provider, note = pick_provider(target)
     if provider is None:
         return Report(**base, metric=man["recipe"]["metric"]["name"], validated=False, status="not_validated",

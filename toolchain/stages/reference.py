@@ -2,8 +2,9 @@
 reference_encoder: the same figures for an encoder artifact.
 
 Writes eval.jsonl (token ids and loss mask per held-out example; for the first `eval_limit` a prompt, the reference
-answer and the fp32 ONNX model's greedy tokens) and reference.json (perplexity and task metric of the fp32 ONNX
-model). Every artifact ships this eval.jsonl, so a device validates on exactly these tokens.
+answer and the fp32 ONNX model's greedy tokens), retention.jsonl (the general retention set, each prompt tokenized
+under the generic system prompt) and reference.json (perplexity, task metric and retention of the fp32 ONNX
+model). Every artifact ships both files, so a device validates on exactly these tokens.
 """
 from __future__ import annotations
 
@@ -18,7 +19,11 @@ from toolchain.runtime.fsutil import atomic_dir
 from toolchain.hf.models import load_tokenizer
 from toolchain.runtime import genai, metrics
 from toolchain.runtime.manifest import EVAL_FILE
-from toolchain.runtime.validate import accuracy
+from toolchain.config.catalog import RETENTION_SET
+from toolchain.hf.retention import prompt as general_prompt
+from toolchain.hf.retention import read_items
+from toolchain.runtime.retention import RETENTION_FILE
+from toolchain.runtime.validate import accuracy, retention
 from toolchain.runtime import encoder as rt_encoder
 
 
@@ -42,8 +47,12 @@ def reference(export_dir: Path, merged_dir: Path, recipe, recipe_file: Path, out
                                       progress=lambda i, n: bar.update(1))
     for r, toks in zip([r for r in rows if "prompt_ids" in r], generated):
         r["fp32_tokens"] = toks
+    general = [{**it, "prompt_ids": tok(general_prompt(tok, it["prompt"]), add_special_tokens=False)["input_ids"]}
+               for it in read_items(RETENTION_SET)]
+    figures.update(retention(model, og_tok, general))
     with atomic_dir(Path(out)) as tmp:
         (tmp / EVAL_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (tmp / RETENTION_FILE).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in general))
         (tmp / "reference.json").write_text(json.dumps(figures, indent=2))
     return figures
 

@@ -56,7 +56,7 @@ def rows(src, rec, rec_file: Path, tok, base=None) -> tuple[list, dict]:
     info = {"key": k, "fraction": rec.data.replay.fraction, "file": str(cache)}
     if cache.is_file():
         print(f"replay data: cached in {cache}", flush=True)
-        out = read_jsonl(cache)
+        out = _read(cache)
         return out, {**info, "rows": len(out), "generated": False}
     items = read_items(replay_prompts(rec, rec_file))
     model = base if base is not None else load_causal_lm(src.path, src.trust_remote_code)
@@ -69,5 +69,12 @@ def rows(src, rec, rec_file: Path, tok, base=None) -> tuple[list, dict]:
     tmp = cache.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text("".join(lines))
     os.replace(tmp, cache)
-    out = read_jsonl(cache)
+    out = _read(cache)
+    if not out:
+        print(f"replay: the base gave no answer with a whole sentence to {len(items)} prompts; training on the task "
+              "data alone", flush=True)
     return out, {**info, "rows": len(out), "prompts": len(items), "generated": True}
+
+
+def _read(cache: Path) -> list:
+    return read_jsonl(cache) if cache.stat().st_size else []  # empty: a base (a random test model) with no sentences

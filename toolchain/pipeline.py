@@ -81,7 +81,7 @@ def _scores(scores: Optional[dict]) -> dict:
     return {k: v for k, v in (scores or {}).items() if k not in ("samples", "retention_samples")}
 
 
-def _retention_key() -> dict:
+def retention_key() -> dict:
     """What the retention figures depend on besides the model: the shipped set and how it is asked."""
     from toolchain.runtime import retention as rt_retention
 
@@ -109,7 +109,7 @@ def prepare(src: Resolved, rec: Recipe, rec_file: Path, out: Path = Path("artifa
     trained["method"].pop("merge_into")  # a merge setting: changes the merged stage, not the fine-tune
     # the replay data by content (base weights, prompts, settings: the answers are greedy), and the retention set
     ft_in = {"model": src.card.name, **inputs, "recipe": trained, "replay": replay.key(src, rec, rec_file),
-             "retention": _retention_key()}
+             "retention": retention_key()}
     if launch.launcher != "none":
         ft_in["launch"] = launch.model_dump()
     ft = st.run("finetune", ft_in, lambda o: finetune(src, rec, rec_file, o, launch=launch))
@@ -123,7 +123,7 @@ def prepare(src: Resolved, rec: Recipe, rec_file: Path, out: Path = Path("artifa
         console.print(f"[yellow]export: {ex.summary['fallback_reason']}[/yellow]")
     exporter = ex.summary.get("exporter", exporter)
     rf = st.run("reference", {"export": ex.key, "recipe": rec.model_dump(include={"data", "metric"}),
-                              "retention": _retention_key()},
+                              "retention": retention_key()},
                 lambda o: reference(ex.out, mg.out, rec, rec_file, o))
     figures = {"torch_base": _scores(ft.summary.get("base")), "torch_tuned": _scores(ft.summary.get("tuned")),
                "onnx_fp32": rf.summary}

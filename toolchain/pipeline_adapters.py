@@ -103,8 +103,7 @@ def _adapter_stages(st: Stages, src: Resolved, rec, rec_file: Path, base, weight
     sfx = suffix(dtype)
     cv = st.run(f"adapter-{rec.name}{sfx}", {"finetune": ft.key, "base": base.key, "dtype": dtype},
                 lambda o: convert(src, ft.out / "adapter", base.out, o, dtype))
-    rf = st.run(f"reference-{rec.name}{sfx}", {"adapter": cv.key, "recipe": rec.model_dump(include={"data", "metric"}),
-                                                "retention": retention_key()},
+    rf = st.run(f"reference-{rec.name}{sfx}", {"adapter": cv.key, "recipe": rec.model_dump(include={"data", "metric"})},
                 lambda o: reference(base.out, src.path, rec, rec_file, o, adapter=cv.out / ADAPTER_FILE))
     s = cv.summary
     entry = {"recipe": rec.model_dump(), "method": rec.method.type, "rank": s["rank"], "alpha": s["alpha"],

@@ -25,7 +25,7 @@ from typing import Optional
 from toolchain import auto as auto_mod
 from toolchain import report as report_mod
 from toolchain.config import targets
-from toolchain.config.catalog import open_recipe
+from toolchain.config.catalog import RETENTION_SET, open_recipe
 from toolchain.config.fit import GB, check_fit
 from toolchain.config.schema import Launch, QuantizeSpec, Recipe
 from toolchain.config.sources import Resolved, resolve
@@ -84,13 +84,22 @@ def check_data(rec: Recipe, rec_file: Path, kind: str) -> None:
 
 def _scores(scores: Optional[dict]) -> dict:
     """Torch scores without the sample predictions (the manifest and reports carry figures only)."""
-    return {k: v for k, v in (scores or {}).items() if k != "samples"}
+    return {k: v for k, v in (scores or {}).items() if k not in ("samples", "retention_samples")}
+
+
+def retention_key() -> dict:
+    """What the retention figures depend on besides the model: the shipped set and how it is asked."""
+    from toolchain.runtime import retention as rt_retention
+
+    return {"set": sha256_file(RETENTION_SET), "system": rt_retention.SYSTEM,
+            "max_new_tokens": rt_retention.MAX_NEW_TOKENS}
 
 
 def prepare(src: Resolved, rec: Recipe, rec_file: Path, out: Path = Path("artifacts"), exporter: Optional[str] = None,
             force: bool = False, launch: Launch = Launch(), overrides: tuple = ()) -> Run:
     """finetune -> merge -> export (fp32) -> reference, each reused when its inputs are unchanged."""
     from toolchain.stages.export.decoder import export
+    from toolchain.stages.finetune import replay
     from toolchain.stages.finetune.decoder import finetune
     from toolchain.stages.merge import merge
     from toolchain.hf.models import LARGE_MODEL_BYTES, weights_bytes
@@ -105,7 +114,9 @@ def prepare(src: Resolved, rec: Recipe, rec_file: Path, out: Path = Path("artifa
     inputs = _inputs(src, rec, rec_file)
     trained = rec.model_dump(include={"data", "method", "train", "metric"})
     trained["method"].pop("merge_into")  # a merge setting: changes the merged stage, not the fine-tune
-    ft_in = {"model": src.card.name, **inputs, "recipe": trained}
+    # the replay data by content (base weights, prompts, settings: the answers are greedy), and the retention set
+    ft_in = {"model": src.card.name, **inputs, "recipe": trained, "replay": replay.key(src, rec, rec_file),
+             "retention": retention_key()}
     if launch.launcher != "none":
         ft_in["launch"] = launch.model_dump()
     ft = st.run("finetune", ft_in, lambda o: finetune(src, rec, rec_file, o, launch=launch))
@@ -117,7 +128,8 @@ def prepare(src: Resolved, rec: Recipe, rec_file: Path, out: Path = Path("artifa
         ex = None
         console.print(f"[dim]{src.card.name}: {weights_bytes(src.path) / 1e9:.1f} GB of weights; no fp32 ONNX export "
                       "(its reference comes from the merged torch model)[/dim]")
-        rf = st.run("reference-torch", {"merged": mg.key, "recipe": rec.model_dump(include={"data", "metric"})},
+        rf = st.run("reference-torch", {"merged": mg.key, "recipe": rec.model_dump(include={"data", "metric"}),
+                                        "retention": retention_key()},
                     lambda o: reference_torch(mg.out, rec, rec_file, o))
         exporter = "genai"
     else:
@@ -126,7 +138,8 @@ def prepare(src: Resolved, rec: Recipe, rec_file: Path, out: Path = Path("artifa
         if ex.summary.get("fallback_reason"):  # genai asked for, the builder would get this model wrong: optimum ran
             console.print(f"[yellow]export: {ex.summary['fallback_reason']}[/yellow]")
         exporter = ex.summary.get("exporter", exporter)
-        rf = st.run("reference", {"export": ex.key, "recipe": rec.model_dump(include={"data", "metric"})},
+        rf = st.run("reference", {"export": ex.key, "recipe": rec.model_dump(include={"data", "metric"}),
+                                  "retention": retention_key()},
                     lambda o: reference(ex.out, mg.out, rec, rec_file, o))
     figures = {"torch_base": _scores(ft.summary.get("base")), "torch_tuned": _scores(ft.summary.get("tuned")),
                "onnx_fp32": rf.summary}
@@ -221,6 +234,11 @@ def headline(report: dict, reference: dict, metric: str, fp32_size_mb: float, st
          "artifact_metric": m.get(metric), "stages_reused": stages_reused, "stages": cost}
     if report.get("kind") == "encoder":
         return {**h, "kind": "encoder", "latency_ms_p50": m["latency_ms_p50"], "latency_ms_p95": m["latency_ms_p95"]}
+    tuned = reference["torch_tuned"]
+    if "retention" in m:  # the general set: what the adaptation cost outside the task, beside its gain
+        h.update(retention_base_torch=reference["torch_base"].get("retention"), retention_tuned_torch=tuned.get("retention"),
+                 retention_onnx_fp32=fp32.get("retention"), retention_artifact=m["retention"],
+                 drift_top1_agreement=tuned.get("drift_top1_agreement"), drift_mean_kl=tuned.get("drift_mean_kl"))
     return {**h, "decode_tok_s": m.get("decode_tok_s_p50"),
             "delta_perplexity_vs_fp32_pct": 100 * (m["perplexity"] / fp32["perplexity"] - 1) if "perplexity" in m else None}
 

@@ -86,14 +86,17 @@ def _base_stage(st: Stages, src: Resolved, weights: str, targets: list[str], dty
 def _adapter_stages(st: Stages, src: Resolved, rec, rec_file: Path, base, weights: str, dtype: str,
                     launch: Launch) -> dict:
     """fine-tune -> convert -> reference for one recipe; returns what packaging takes for it."""
+    from toolchain.pipeline import retention_key
     from toolchain.stages.adapters import ADAPTER_FILE, convert
+    from toolchain.stages.finetune import replay
     from toolchain.stages.finetune.decoder import finetune
     from toolchain.stages.reference import reference
 
     data = files_hash([rec_file.parent / f for f in (rec.data.train, rec.data.eval) if f])
     trained = rec.model_dump(include={"data", "method", "train", "metric"})
     trained["method"].pop("merge_into")
-    ft_in = {"model": src.card.name, "weights": weights, "data": data, "recipe": trained}  # as pipeline.prepare keys it
+    ft_in = {"model": src.card.name, "weights": weights, "data": data, "recipe": trained,  # as pipeline.prepare keys it
+             "replay": replay.key(src, rec, rec_file), "retention": retention_key()}
     if launch.launcher != "none":
         ft_in["launch"] = launch.model_dump()
     ft = st.run(f"finetune-{rec.name}", ft_in, lambda o: finetune(src, rec, rec_file, o, launch=launch))

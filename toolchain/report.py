@@ -78,6 +78,13 @@ def markdown(rep: dict, siblings: dict[str, dict], figure: bool = True) -> str:
                      f"torch tuned {_fmt(ref.get('torch_tuned', {}).get(k))}, fp32 ONNX {_fmt(ref.get('onnx_fp32', {}).get(k))}) |")
     if "token_agreement_fp32" in m:
         lines.append(f"| greedy token agreement with fp32 ONNX | {_fmt(m['token_agreement_fp32'])} |")
+    if "retention" in m:  # the general set under a generic system prompt: what the fine-tune cost outside the task
+        tuned = ref.get("torch_tuned", {})
+        lines += [f"| retention, {m['retention_items']} general questions | {_fmt(m['retention'])} (torch base "
+                  f"{_fmt(ref.get('torch_base', {}).get('retention'))}, torch tuned {_fmt(tuned.get('retention'))}, "
+                  f"fp32 ONNX {_fmt(ref.get('onnx_fp32', {}).get('retention'))}) |",
+                  f"| drift from the base (torch, general text): top-1 agreement / mean KL | "
+                  f"{_fmt(tuned.get('drift_top1_agreement'))} / {_fmt(tuned.get('drift_mean_kl'))} |"]
     lines += ["", "## Gates", ""] + [f"- {'PASS' if g['passed'] else 'MISS'} `{g['gate']}`: {_fmt(g['value'])} "
                                      f"(limit {g['limit']})" for g in rep["gates"]] + (["- none set"] if not rep["gates"] else [])
     if rep.get("build_stages"):
@@ -186,25 +193,40 @@ def scenario_rows(out: Path) -> list[dict]:
                      (tuned < base) if metric in LOWER_IS_BETTER else (tuned > base),
                      "onnx_fp32": ref.get("onnx_fp32", {}).get(metric), "artifact": art,
                      "artifact_over_tuned": art / tuned if isinstance(art, (int, float)) and tuned else None,
+                     **_retention_row(ref, m),
                      "speed": m.get("latency_ms_p50") if encoder else m.get("decode_tok_s_p50"),
                      "speed_unit": "ms/seq p50" if encoder else "decode tok/s p50", "status": rep.get("status"),
                      "passed": rep.get("passed"), "missed": [g["gate"] for g in rep["gates"] if not g["passed"]]})
     return rows
 
 
+def _retention_row(ref: dict, m: dict) -> dict:
+    """Retention (base torch / tuned torch / artifact) and drift (mean KL) for a scenario row; None where not measured."""
+    return {"retention_base": ref.get("torch_base", {}).get("retention"),
+            "retention_tuned": ref.get("torch_tuned", {}).get("retention"), "retention_artifact": m.get("retention"),
+            "drift_mean_kl": ref.get("torch_tuned", {}).get("drift_mean_kl")}
+
+
 def scenario_table(rows: list[dict]) -> str:
     """The README's scenario table from scenario_rows."""
     lines = ["| recipe | model | target | metric | base torch | tuned torch | fp32 ONNX | artifact | artifact / tuned | "
-             "speed | gates |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "retention base / tuned / artifact | drift KL | speed | gates |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         speed = (f"{_fmt(r['speed'], '.1f')} ms/seq p50" if r["speed_unit"].startswith("ms")
                  else f"{_fmt(r['speed'], '.0f')} tok/s")
         gates = "pass" if r["passed"] else "MISS " + ", ".join(r["missed"])
         lines.append(f"| {r['recipe']} | {r['model']} | {r['target']} | {r['metric']} | {_fmt(r['base_torch'])} | "
                      f"{_fmt(r['tuned_torch'])}{'' if r['tuned_better'] is not False else ' (not better)'} | "
-                     f"{_fmt(r['onnx_fp32'])} | {_fmt(r['artifact'])} | {_fmt(r['artifact_over_tuned'])} | {speed} | "
-                     f"{gates} |")
+                     f"{_fmt(r['onnx_fp32'])} | {_fmt(r['artifact'])} | {_fmt(r['artifact_over_tuned'])} | "
+                     f"{_retention_cell(r)} | {_fmt(r.get('drift_mean_kl'))} | {speed} | {gates} |")
     return "\n".join(lines)
+
+
+def _retention_cell(r: dict) -> str:
+    if r.get("retention_artifact") is None:
+        return "n/a"
+    return " / ".join(_fmt(r.get(k)) for k in ("retention_base", "retention_tuned", "retention_artifact"))
 
 
 def adapter_rows(rep: dict, man: dict) -> list[dict]:
@@ -222,6 +244,7 @@ def adapter_rows(rep: dict, man: dict) -> list[dict]:
                     (tuned < base) if metric in LOWER_IS_BETTER else (tuned > base),
                     "onnx_fp32": ref.get("onnx_fp32", {}).get(metric), "artifact": art,
                     "artifact_over_tuned": art / tuned if isinstance(art, (int, float)) and tuned else None,
+                    **_retention_row(ref, m),
                     "speed": m.get("decode_tok_s_p50"), "speed_unit": "decode tok/s p50", "status": r.get("status"),
                     "passed": r.get("passed"), "missed": [g["gate"] for g in r["gates"] if not g["passed"]]})
     return out

@@ -166,7 +166,15 @@ def edge(model, recipe, target, exporter, out, max_steps, data, eval_data, sets,
                   f"({h['fp32_size_mb'] / h['size_mb']:.1f}x smaller)   Δperplexity vs fp32 {h['delta_perplexity_vs_fp32_pct']:+.2f}%")
     console.print(f"  {h['metric']}: base torch {h['base_torch']:.3f}   tuned torch {h['tuned_torch']:.3f}   "
                   f"{rep['target']} {h['artifact_metric']:.3f}")
+    if h.get("retention_artifact") is not None:
+        console.print(f"  retention (general questions): base torch {_f(h['retention_base_torch'])}   tuned torch "
+                      f"{_f(h['retention_tuned_torch'])}   {rep['target']} {h['retention_artifact']:.3f}   drift from "
+                      f"base: top-1 agreement {_f(h['drift_top1_agreement'])}, mean KL {_f(h['drift_mean_kl'])}")
     gates_exit(rep)
+
+
+def _f(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 def _cost(name: str, c: dict) -> str:

@@ -131,7 +131,11 @@ def print_scores(res: dict) -> None:
     for who in ("base", "tuned"):
         if who in res:
             s = res[who]
-            console.print(f"  {who:5s}  {m} {s.get(m, float('nan')):.3f}   held-out perplexity {s['perplexity']:.3f}")
+            general = f"   retention {s['retention']:.3f}" if "retention" in s else ""
+            moved = (f"   drift from base: top-1 agreement {s['drift_top1_agreement']:.3f}, mean KL "
+                     f"{s['drift_mean_kl']:.3f}" if "drift_mean_kl" in s else "")
+            console.print(f"  {who:5s}  {m} {s.get(m, float('nan')):.3f}   held-out perplexity {s['perplexity']:.3f}"
+                          f"{general}{moved}")
 
 
 

@@ -32,6 +32,9 @@ def _shipped(installed: str, checkout: str) -> Path:
 
 MODELS_DIR = _shipped("cards", "models")
 RECIPES_DIR = _shipped("recipes", "recipes")
+GENERAL_DIR = RECIPES_DIR / "data" / "general"  # recipes/data/make_general.py: what a fine-tune must not forget
+RETENTION_SET = GENERAL_DIR / "retention.jsonl"  # scored, never trained on
+REPLAY_PROMPTS = GENERAL_DIR / "replay.jsonl"  # the default data.replay.prompts
 
 
 def _present(folder: Path, what: str) -> Path:
@@ -94,6 +97,12 @@ def data_file(rec_file: Path, key: str, value: str) -> Path:
     raise ToolchainError(f"{rec_file}: key 'data.{key}': data file '{value}' not found (looked for {looked}). Give a "
                          "path relative to the recipe's folder, or an absolute one (`toolchain recipes cp NAME DEST` "
                          "writes an editable copy whose data paths are absolute)")
+
+
+def replay_prompts(rec: Recipe, rec_file: Path) -> Path:
+    """The general prompts a decoder recipe replays (data.replay.prompts, else the shipped set)."""
+    given = rec.data.replay.prompts
+    return data_file(rec_file, "replay.prompts", given) if given else REPLAY_PROMPTS
 
 
 @dataclass(frozen=True)

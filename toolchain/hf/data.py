@@ -97,9 +97,19 @@ class Dataset:
     eval_rows: list  # the held-out rows themselves, for generation metrics
 
 
-def load(recipe, recipe_file: Path, tok) -> Dataset:
+def mix(train_rows: list, replay_rows: list, fraction: float) -> list:
+    """The task's rows, then replay rows (repeated in order when there are too few) until they are `fraction` of
+    the whole; step_indices samples the list uniformly, so each step trains on about that share of replay."""
+    if not replay_rows or fraction == 0:
+        return list(train_rows)
+    n = round(len(train_rows) * fraction / (1 - fraction))
+    return list(train_rows) + [replay_rows[i % len(replay_rows)] for i in range(n)]
+
+
+def load(recipe, recipe_file: Path, tok, replay: list = ()) -> Dataset:
     """The recipe's data, split and tokenized: its eval file, or without one a seeded held-out split of train.
-    config.catalog.open_recipe has already pointed data.train/data.eval at the user's files (--data, --eval-data)."""
+    config.catalog.open_recipe has already pointed data.train/data.eval at the user's files (--data, --eval-data).
+    replay: chat rows mixed into train (after the split: never scored) as data.replay.fraction of it."""
     base = recipe_file.parent  # the paths are absolute after open_recipe; a bare Recipe may hold relative ones
     train_rows = read_jsonl(base / recipe.data.train)
     if recipe.data.eval:
@@ -107,7 +117,7 @@ def load(recipe, recipe_file: Path, tok) -> Dataset:
     else:
         train_rows, eval_rows = split(train_rows, recipe.data.eval_fraction, recipe.train.seed)
     n = recipe.data.max_length
-    train = [encode(r, tok, n) for r in train_rows]
+    train = [encode(r, tok, n) for r in mix(train_rows, list(replay), recipe.data.replay.fraction)]
     if recipe.data.packing:
         train = pack(train, n)
     return Dataset(train, [encode(r, tok, n) for r in eval_rows], eval_rows)

@@ -14,6 +14,9 @@ def check_gates(gates: dict, measured: dict, reference: dict, metric: str) -> li
         values["max_perplexity_increase_pct"] = 100 * (measured["perplexity"] / ref["perplexity"] - 1)
     if metric in ref and metric in measured and metric not in metrics.LOWER_IS_BETTER:
         values["min_metric_fraction"] = measured[metric] / ref[metric] if ref[metric] else float("inf")
+    base = reference.get("torch_base", {}).get("retention")
+    if "retention" in measured and base is not None:  # what the artifact still knows, as a share of the base's
+        values["min_retention"] = measured["retention"] / base if base else float("inf")
     for gate, key in (("max_latency_ms_p95", "latency_ms_p95"), ("min_token_agreement_fp32", "token_agreement_fp32"),
                       ("min_decode_tok_s", "decode_tok_s_p50")):
         if key in measured:

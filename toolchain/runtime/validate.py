@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from toolchain.runtime import genai, host, manifest, metrics, session
+from toolchain.runtime import genai, host, manifest, metrics, retention as rt_retention, session
 from toolchain.runtime.contracts import Report
 from toolchain.runtime.errors import ToolchainError
 from toolchain.runtime.gates import check_gates, merge_gates, status
@@ -95,6 +95,23 @@ def accuracy(model, tok, rows: list[dict], metric: str, max_new_tokens: int, pro
     return out, generated
 
 
+def retention(model, tok, rows: list[dict]) -> dict:
+    """The retention figures (runtime/retention.py) of greedy answers to the shipped general set (retention.jsonl:
+    each item with its prompt tokenized under the generic system prompt)."""
+    eos = genai.eos_ids(tok)
+    replies = []
+    for r in rows:
+        toks = genai.generate(model, r["prompt_ids"], rt_retention.MAX_NEW_TOKENS).tokens
+        replies.append(tok.decode([t for t in toks if t not in eos]))
+    return rt_retention.score(rows, replies)
+
+
+def read_retention(folder: Path) -> list[dict]:
+    """The artifact's retention set; empty for an artifact packaged before it shipped one."""
+    f = Path(folder) / rt_retention.RETENTION_FILE
+    return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.is_file() else []
+
+
 def eval_rows(folder: Path, data: Optional[Path], tok) -> list[dict]:
     """The rows to score: the shipped eval.jsonl (tokenized at packaging), or the user's file tokenized here."""
     from toolchain.runtime.devicedata import tokenize_rows
@@ -164,6 +181,10 @@ def validate(folder: Path, data: Optional[Path] = None, progress=None, lookup: i
                   eos=genai.eos_ids(tok))
     say(f"accuracy: perplexity over {len(rows)} rows, then {rec['metric']['name']} by greedy generation")
     acc, _ = accuracy(model, tok, rows, rec["metric"]["name"], rec["metric"]["max_new_tokens"], progress, lookup)
+    general = read_retention(folder) if data is None else []
+    if general:
+        say(f"retention: {len(general)} general questions under a generic system prompt")
+        acc.update(retention(model, tok, general))
     measured = {**lat, **acc, "size_mb": _size_mb(folder, man),
                 "peak_rss_mb": peak_rss_mb()}
     gate_spec = merge_gates(rec.get("gates", {}), target.get("gates", {}))

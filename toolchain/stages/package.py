@@ -3,6 +3,7 @@
     <target>/  the onnxruntime-genai folder (model, genai_config.json, tokenizer, chat template)
                inference_model.json  its name and prompt template for Foundry Local and the AI Toolkit
                eval.jsonl      the held-out split, tokenized, with the fp32 ONNX model's greedy tokens
+               retention.jsonl the general retention set, tokenized under the generic system prompt
                manifest.json   card, resolved recipe, package versions, input hashes, sha256 of every file,
                                stage lineage, how it was trained (method, precision, ranks, ZeRO stage),
                                reference metrics (torch base/tuned, fp32 ONNX)
@@ -27,8 +28,10 @@ from toolchain.runtime.contracts import Manifest
 from toolchain.runtime.encoder import MODEL as ENCODER_MODEL
 from toolchain.runtime.encoder import TOKENIZER as ENCODER_TOKENIZER
 from toolchain.runtime.manifest import EVAL_FILE
+from toolchain.runtime.retention import RETENTION_FILE
 
-VERSION = 2  # part of the package stage's key: bump when the files an artifact holds change (2: inference_model.json)
+VERSION = 3  # part of the package stage's key: bump when the files an artifact holds change (2: inference_model.json,
+# 3: retention.jsonl)
 INFERENCE_MODEL = "inference_model.json"
 PACKAGES = ["edge-toolchain", "torch", "transformers", "peft", "optimum", "optimum-onnx", "onnx", "onnxruntime",
             "onnxruntime-genai", "tokenizers", "numpy"]
@@ -52,6 +55,9 @@ def package(quantized: Path, eval_file: Path, out: Path, manifest: Manifest) -> 
             if p.is_file() and p.name != "quantize_report.json":
                 shutil.copy2(p, tmp / p.name)
         shutil.copy2(eval_file, tmp / EVAL_FILE)
+        general = Path(eval_file).parent / RETENTION_FILE  # beside eval.jsonl in the reference stage
+        if general.is_file():
+            shutil.copy2(general, tmp / RETENTION_FILE)
         stamp_genai_config(tmp, manifest.target)
         write_inference_model(tmp, artifact_name(manifest.out()))
         _write_manifest(tmp, manifest)

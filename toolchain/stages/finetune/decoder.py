@@ -26,7 +26,10 @@ from tqdm.auto import tqdm
 from toolchain.hf import data as data_mod
 from toolchain.stages.finetune import distributed as dist_mod
 from toolchain.stages.finetune import methods
-from toolchain.config.catalog import home
+from toolchain.stages.finetune import replay as replay_mod
+from toolchain.hf import retention as retention_mod
+from toolchain.runtime import retention as rt_retention
+from toolchain.config.catalog import RETENTION_SET, home
 from toolchain.config.schema import Launch, Recipe
 from toolchain.runtime.errors import ToolchainError
 from toolchain.hf.evaluate import score
@@ -52,26 +55,30 @@ def finetune(src: Resolved, rec: Recipe, rec_file: Path, out: Path, *, evaluate:
     launch.launcher "deepspeed" starts launch.nproc ranks (on each of launch.nnodes nodes) running this same function
     under DeepSpeed ZeRO-`launch.zero`, through torch.distributed.run (distributed.py)."""
     if launch.launcher == "deepspeed" and not dist_mod.in_worker():
+        replay_mod.rows(src, rec, rec_file, load_tokenizer(src.path, src.trust_remote_code))  # cached before the ranks read it
         return dist_mod.launch(src, rec, rec_file, out, evaluate=evaluate, launch=launch)
     rank, world = dist_mod.rank_world()
     lead = rank == 0
     zero, trust_remote_code = launch.zero, src.trust_remote_code
     spec, method = rec.train, rec.method
     tok = load_tokenizer(src.path, trust_remote_code)
-    ds = data_mod.load(rec, rec_file, tok)
+    replay_rows, replay_info = replay_mod.rows(src, rec, rec_file, tok)
+    ds = data_mod.load(rec, rec_file, tok, replay=replay_rows)
+    general = retention_mod.read_items(RETENTION_SET)
     micro_batches(list(range(spec.batch_size)), 0, world, spec.grad_accum)  # fail fast on a bad split
     bf16 = _bf16_base(spec.bf16, method.type) and world == 1  # ranks train an fp32 base: ZeRO flattens one dtype
     out = Path(out)
     ckpt = Checkpoint(out.parent / f"{out.name}.ckpt", _run_key(src, rec, ds, world, zero if world > 1 else None))
     state = ckpt.load() if lead or world == 1 else None
     results = state["results"] if state else {"model": src.card.name, "recipe": rec.name, "metric": rec.metric.name,
-                                              "method": method.type}
+                                              "method": method.type, "replay": replay_info}
     seed_everything(spec.seed)
     dtype = working_dtype(src.path)  # fp32; a large model's own dtype (an fp32 Phi-3-mini is 15 GB)
     net = None if method.type == "qlora" else load_causal_lm(src.path, trust_remote_code, dtype=dtype)
     if evaluate and lead and "base" not in results:  # the base in that dtype, whatever trains on top of it
         results["base"] = _base_score(lambda: net if net is not None else load_causal_lm(src.path, trust_remote_code,
-                                                                                          dtype=dtype), tok, rec, ds, src)
+                                                                                          dtype=dtype), tok, rec, ds, src,
+                                      general)
     if method.type == "qlora":
         net = methods.load_nf4(src.path, method, trust_remote_code)
     net = methods.trainable(net, method, src.card.lora_target_modules, bf16, spec.gradient_checkpointing)
@@ -138,6 +145,10 @@ def finetune(src: Resolved, rec: Recipe, rec_file: Path, out: Path, *, evaluate:
         results["train"]["cpu_seconds"] = round(cpu_s, 1)
     if evaluate:
         results["tuned"] = score(trained, tok, rec, ds, desc="tuned model eval")
+        results["tuned"].update(retention_mod.retention(trained, tok, general, rec.metric.batch_size,
+                                                        desc="tuned model retention"))
+        base = load_causal_lm(src.path, trust_remote_code) if method.type == "full" else None
+        results["tuned"].update(retention_mod.drift(trained, tok, general, base))
     with atomic_dir(out) as tmp:
         folder = tmp / ("model" if method.type == "full" else "adapter")
         trained.save_pretrained(folder, safe_serialization=True)
@@ -175,17 +186,20 @@ def _weights_stamp(src) -> str:
     return "".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns};" for f in sorted(src.path.glob("*.safetensors")))
 
 
-def _base_score(load_base, tok, rec, ds, src) -> dict:
-    """The base model's held-out scores, cached by what they depend on (weights, tokenized eval split, metric):
-    every method and run of a recipe shares them. load_base() gives the fp32 base when they must be computed."""
-    h = hashlib.sha256(json.dumps([ds.eval, [r.model_dump() for r in ds.eval_rows], rec.metric.model_dump()],
-                                  sort_keys=True).encode())
+def _base_score(load_base, tok, rec, ds, src, general: list[dict]) -> dict:
+    """The base model's held-out scores and its retention on `general`, cached by what they depend on (weights,
+    tokenized eval split, metric, the retention set and settings): every method and run of a recipe shares them.
+    load_base() gives the fp32 base when they must be computed."""
+    h = hashlib.sha256(json.dumps([ds.eval, [r.model_dump() for r in ds.eval_rows], rec.metric.model_dump(), general,
+                                   rt_retention.SYSTEM, rt_retention.MAX_NEW_TOKENS], sort_keys=True).encode())
     h.update(_weights_stamp(src).encode())
     cache = home() / "evals" / f"base-{h.hexdigest()[:16]}.json"
     if cache.is_file():
         print(f"base model scores: cached in {cache}", flush=True)
         return json.loads(cache.read_text())
-    scores = score(load_base(), tok, rec, ds, desc="base model eval")
+    base = load_base()
+    scores = score(base, tok, rec, ds, desc="base model eval")
+    scores.update(retention_mod.retention(base, tok, general, rec.metric.batch_size, desc="base model retention"))
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(scores))

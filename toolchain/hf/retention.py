@@ -1,0 +1,56 @@
+"""What a fine-tune cost the model outside its task, in torch: retention on the shipped general set
+(runtime/retention.py checks the answers), and drift: how far the tuned model's next-token distributions moved from
+the base's on general conversations held out from training."""
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from toolchain.hf.evaluate import generate
+from toolchain.runtime import retention as rt
+from toolchain.runtime.metrics import LogitStats
+
+
+def read_items(path: Path) -> list[dict]:
+    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+
+
+def prompt(tok, text: str) -> str:
+    """`text` asked under the generic system prompt, ready for the answer (as is for a model without a chat template)."""
+    if not tok.chat_template:
+        return text + "\n"
+    return tok.apply_chat_template(rt.messages(text), tokenize=False, add_generation_prompt=True)
+
+
+def retention(model, tok, items: list[dict], batch_size: int = 16, desc: str = "retention") -> dict:
+    """The retention figures (runtime/retention.score) of greedy answers, plus a few of them."""
+    replies = generate(model, tok, [prompt(tok, it["prompt"]) for it in items], rt.MAX_NEW_TOKENS, batch_size, desc)
+    out = rt.score(items, replies)
+    out["retention_samples"] = [{"prompt": it["prompt"], "reply": r} for it, r in list(zip(items, replies))[:4]]
+    return out
+
+
+@torch.no_grad()
+def drift(tuned, tok, items: list[dict], base=None) -> dict:
+    """Top-1 agreement and mean KL(base || tuned) of next-token distributions over every position of the retention
+    conversations with their reference answers. The base's logits come from `base`, else from the tuned PEFT
+    model with its adapter switched off (for QLoRA that base is the NF4 one it trained on)."""
+    if base is None and not hasattr(tuned, "disable_adapter"):
+        raise ValueError("drift needs the base model: a full fine-tune has no adapter to switch off")
+    stats = LogitStats()
+    for it in items:
+        if tok.chat_template:
+            text = tok.apply_chat_template(rt.messages(it["prompt"]) + [{"role": "assistant", "content": it["reference"]}],
+                                           tokenize=False)
+        else:
+            text = prompt(tok, it["prompt"]) + it["reference"]
+        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+        q = tuned(input_ids=ids).logits[0, :-1].float()
+        with (nullcontext() if base is not None else tuned.disable_adapter()):
+            ref = (base if base is not None else tuned)(input_ids=ids).logits[0, :-1].float()
+        stats.update(ref.numpy(), q.numpy(), ids[0, 1:].numpy())
+    r = stats.result()
+    return {"drift_top1_agreement": r["top1_agreement"], "drift_mean_kl": r["mean_kl"], "drift_positions": r["positions"]}

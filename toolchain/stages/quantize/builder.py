@@ -80,9 +80,9 @@ def build_large_int4(merged_dir: Path, out: Path, spec, trust_remote_code: bool 
         raise ToolchainError(f"this model is too large for an fp32 ONNX export here, and the onnxruntime-genai "
                              f"builder that would build it directly in int4 gets it wrong: {clash} "
                              "(docs/phi3-builder-avx2.md)")
-    if spec.algo != "rtn" or spec.int8 or spec.int8_edge_layers or spec.lm_head_bits != 4 or spec.prune_lm_head:
+    if spec.algo != "rtn" or spec.prune_lm_head:
         raise ToolchainError("recipe key 'quantize': a model this large is quantized as the builder builds it, with "
-                             "RTN int4 only (algo: rtn, no int8 layers, lm_head_bits: 4, prune_lm_head: false)")
+                             "RTN only (algo: rtn; prune_lm_head: false)")
     t0 = time.time()
     options = ("is_symmetric=" + str(spec.symmetric).lower(), f"block_size={spec.block_size}",
                f"accuracy_level={spec.accuracy_level}")
@@ -92,6 +92,8 @@ def build_large_int4(merged_dir: Path, out: Path, spec, trust_remote_code: bool 
         export_genai(merged_dir, tmp, "int4", Path(work), trust_remote_code, "cpu", options)
         report = {"target": "cpu-int4", "built_by": "onnxruntime-genai builder, int4 as built",
                   "builder_options": list(options), "quantized_as_built": counted["matmuls"],
+                  "int8_matmuls": counted["int8"], "int8": list(spec.int8), "int8_edge_layers": spec.int8_edge_layers,
+                  "lm_head_bits": spec.lm_head_bits,
                   "algo": "rtn", "block_size": spec.block_size, "symmetric": spec.symmetric,
                   "accuracy_level": spec.accuracy_level, "lm_head": spec.lm_head, "embedding": "fp32",
                   "seconds": round(time.time() - t0, 1),
@@ -128,22 +130,27 @@ def _quantized_as_built(spec):
     import onnxruntime_genai.models.builder  # noqa: F401  (it puts its folder on sys.path and imports `builders`)
     from builders.base import Model  # the module the builder's model classes subclass
 
-    q = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(
-        block_size=spec.block_size, is_symmetric=spec.symmetric, accuracy_level=spec.accuracy_level))
+    from toolchain.stages.quantize.nbits import bits_for
+
+    q = {b: DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(
+        block_size=spec.block_size, is_symmetric=spec.symmetric, accuracy_level=spec.accuracy_level, bits=b))
+        for b in (4, 8)}
     make = Model.make_matmul_nbits
-    counted = {"matmuls": 0}
+    counted = {"matmuls": 0, "int8": 0}
 
     def as_built(self, matmul, basename, root_input, **kwargs):
         w = getattr(matmul, "weight", None)
-        if hasattr(matmul, "qweight") or w is None or w.dim() != 2 or (kwargs.get("logits") and not spec.lm_head):
+        bits = bits_for("/lm_head/MatMul" if kwargs.get("logits") else basename, spec, self.num_layers)
+        if hasattr(matmul, "qweight") or w is None or w.dim() != 2 or not bits:
             return make(self, matmul, basename, root_input, **kwargs)
         n, k = w.shape
-        packed, scales, zp = q.qbits_block_quant(w.detach().to(torch.float32).T.contiguous().numpy())
-        pre = SimpleNamespace(qweight=torch.from_numpy(packed), scales=torch.from_numpy(scales), bits=4,
+        packed, scales, zp = q[bits].qbits_block_quant(w.detach().to(torch.float32).T.contiguous().numpy())
+        pre = SimpleNamespace(qweight=torch.from_numpy(packed), scales=torch.from_numpy(scales), bits=bits,
                               group_size=spec.block_size, in_features=k, out_features=n)
         if not spec.symmetric:
             pre.qzeros = torch.from_numpy(zp)
         counted["matmuls"] += 1
+        counted["int8"] += bits == 8
         return make(self, pre, basename, root_input, **kwargs)
 
     with mock.patch.object(Model, "make_matmul_nbits", as_built):

@@ -44,19 +44,23 @@ PROJECTIONS = {"qkv_proj": ("qkv_proj", "q_proj", "k_proj", "v_proj"), "o_proj":
                "down_proj": ("down_proj",)}
 
 
+def bits_for(name: str, spec: QuantizeSpec, n_layers: int, bits: int = 4) -> int:
+    """One MatMul node's width: `bits`, 8, or 0 (left fp32), from the spec's lm_head, int8 and int8_edge_layers keys
+    (edge layers past the middle overlap: then every layer is 8-bit)."""
+    if "lm_head" in name:
+        return spec.lm_head_bits if spec.lm_head else 0
+    m = re.search(r"/layers\.(\d+)/", name)
+    if m and (int(m.group(1)) < spec.int8_edge_layers or int(m.group(1)) >= n_layers - spec.int8_edge_layers):
+        return 8
+    parts = name.split("/")
+    return 8 if any(p in parts for key in spec.int8 for p in PROJECTIONS[key]) else bits
+
+
 def bit_widths(names: list[str], spec: QuantizeSpec, bits: int = 4) -> dict[str, int]:
-    """MatMul node name -> `bits`, 8, or 0 (left fp32), from the spec's lm_head, int8 and int8_edge_layers keys."""
-    layer = {n: int(m.group(1)) for n in names if (m := re.search(r"/layers\.(\d+)/", n))}
-    n_layers = max(layer.values(), default=-1) + 1  # edge layers past the middle overlap: then every layer is 8-bit
-    out = {}
-    for n in names:
-        if "lm_head" in n:
-            out[n] = spec.lm_head_bits if spec.lm_head else 0
-        elif n in layer and (layer[n] < spec.int8_edge_layers or layer[n] >= n_layers - spec.int8_edge_layers):
-            out[n] = 8
-        else:
-            parts = n.split("/")
-            out[n] = 8 if any(p in parts for key in spec.int8 for p in PROJECTIONS[key]) else bits
+    """MatMul node name -> its width (bits_for), for a whole graph."""
+    layers = [int(m.group(1)) for n in names if (m := re.search(r"/layers\.(\d+)/", n))]
+    n_layers = max(layers, default=-1) + 1
+    out = {n: bits_for(n, spec, n_layers, bits) for n in names}
     for key in spec.int8:
         if not any(p in n.split("/") for n in names for p in PROJECTIONS[key]):
             raise ToolchainError(f"quantize.int8: no '{key}' projection in this model's graph; its MatMul nodes are "

@@ -46,14 +46,12 @@ def prefill_logits(folder: Path, ids: list[int]) -> np.ndarray:
 @pytest.fixture(scope="module")
 def large_run(tmp_path_factory):
     import toolchain.hf.models as models
-    import toolchain.stages.merge as merge_mod
     from toolchain import pipeline
 
     root = tmp_path_factory.mktemp("large")
     model = bf16_copy(make_tiny_phi3(root / "fp32"), root / "tiny-bf16")
     mp = pytest.MonkeyPatch()
     mp.setattr(models, "LARGE_MODEL_BYTES", 0)
-    mp.setattr(merge_mod, "LARGE_MODEL_BYTES", 0)
     rec = tiny_recipe_file(root, gates={}, train={"max_steps": 4, "batch_size": 4, "bf16": "off", "lr": 2e-3,
                                                   "checkpoint_every": 0})
     rep = pipeline.edge(str(model), str(rec), target="cpu-int4", out=root / "artifacts")

@@ -102,7 +102,7 @@ def prepare(src: Resolved, rec: Recipe, rec_file: Path, out: Path = Path("artifa
     from toolchain.stages.finetune import replay
     from toolchain.stages.finetune.decoder import finetune
     from toolchain.stages.merge import merge
-    from toolchain.hf.models import LARGE_MODEL_BYTES, weights_bytes
+    from toolchain.hf.models import is_large, weights_bytes
     from toolchain.stages.reference import reference, reference_torch
 
     if rec.task == "ner":
@@ -124,7 +124,7 @@ def prepare(src: Resolved, rec: Recipe, rec_file: Path, out: Path = Path("artifa
     mg = st.run("merged", {"finetune": ft.key, "merge_into": merge_into},
                 lambda o: merge(src, ft.out, o, merge_into=merge_into))
     exporter = exporter or src.card.exporter
-    if weights_bytes(src.path) > LARGE_MODEL_BYTES:  # no fp32 copy: torch reference, cpu-int4 built as quantized
+    if is_large(src.path):  # no fp32 copy: torch reference, cpu-int4 built as quantized
         ex = None
         console.print(f"[dim]{src.card.name}: {weights_bytes(src.path) / 1e9:.1f} GB of weights; no fp32 ONNX export "
                       "(its reference comes from the merged torch model)[/dim]")

@@ -16,6 +16,11 @@ def weights_bytes(model_dir: Path) -> int:
     return sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
 
 
+def is_large(model_dir: Path) -> bool:
+    """More than LARGE_MODEL_BYTES of weights: the chain never makes an fp32 copy of it (pipeline.py)."""
+    return weights_bytes(model_dir) > LARGE_MODEL_BYTES
+
+
 def config_dtype(model_dir: Path) -> torch.dtype:
     """The dtype config.json names for the weights (config.shapes.config_dtype_name)."""
     import json
@@ -29,7 +34,7 @@ def config_dtype(model_dir: Path) -> torch.dtype:
 def working_dtype(model_dir: Path) -> torch.dtype:
     """The dtype the fine-tune and the torch reference load `model_dir` in: fp32, or for a model larger than
     LARGE_MODEL_BYTES the weights' own (config_dtype)."""
-    return torch.float32 if weights_bytes(model_dir) <= LARGE_MODEL_BYTES else config_dtype(model_dir)
+    return config_dtype(model_dir) if is_large(model_dir) else torch.float32
 
 
 def bf16_fast() -> bool:

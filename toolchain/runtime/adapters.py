@@ -81,17 +81,24 @@ def open_artifact(folder: Path, provider: str = "cpu", options: Optional[dict] =
     man = manifest.verify(folder)
     ads = entries(man, folder)
     names = list(ads) if names is None else names
-    for n in names:
+    for n in names:  # every entry checked before the base is loaded
         check_entry(folder, man, n)
+    base, tok = genai.load(folder, provider, options)
+    model, load_ms = load_into(base, folder, man, names)
+    return model, tok, man, load_ms
+
+
+def load_into(base, folder: Path, man: dict, names: list[str]) -> tuple[genai.Adapted, dict]:
+    """(model, load_ms): the adapters `names` (each checked with check_entry) loaded into the og.Model `base`."""
     import onnxruntime_genai as og
 
-    base, tok = genai.load(folder, provider, options)
     model, load_ms = genai.Adapted(base, og.Adapters(base)), {}
     for n in names:
+        f = Path(folder) / check_entry(folder, man, n)["file"]
         t0 = time.perf_counter()
-        model = model.load(n, folder / ads[n]["file"])
+        model = model.load(n, f)
         load_ms[n] = 1000 * (time.perf_counter() - t0)
-    return model, tok, man, load_ms
+    return model, load_ms
 
 
 def switch_times(model: genai.Adapted, prompt_ids: list[int], rounds: int = 5) -> dict:

@@ -68,14 +68,9 @@ class Chat:
             raise ToolchainError(f"{self.folder}: --adapter {adapter}: this artifact has no adapters (its manifest "
                                  "lists none); build one with `toolchain edge --adapters RECIPE,RECIPE`")
         if self.adapters:
-            import onnxruntime_genai as og
+            from toolchain.runtime.adapters import load_into
 
-            from toolchain.runtime.adapters import check_entry
-
-            model = genai.Adapted(self.model, og.Adapters(self.model))
-            for name in self.adapters:
-                model = model.load(name, self.folder / check_entry(self.folder, man, name)["file"])
-            self.model = model.use(adapter)
+            self.model = load_into(self.model, self.folder, man, self.adapters)[0].use(adapter)
         self.eos = genai.eos_ids(self.tok)
         self.system, self.raw = system, raw
         self.messages: list[dict] = []

@@ -23,7 +23,7 @@ import yaml
 
 from toolchain.runtime.errors import ToolchainError
 from toolchain.runtime.fsutil import atomic_dir
-from toolchain.hf.models import LARGE_MODEL_BYTES, config_dtype, load_causal_lm, load_tokenizer, user_prompt, weights_bytes
+from toolchain.hf.models import config_dtype, is_large, load_causal_lm, load_tokenizer, user_prompt
 from toolchain.config.sources import Resolved
 
 TOLERANCE = 1e-3
@@ -60,12 +60,12 @@ def merge(src: Resolved, adapter: Path, out: Path, merge_into: Optional[str] = N
           stream: Optional[bool] = None) -> dict:
     """Merge the adapter in `adapter` into the resolved base model; merge_into overrides the trained recipe's
     method.merge_into (QLoRA only). stream: shard by shard (default: for a plain LoRA adapter on a base larger than
-    LARGE_MODEL_BYTES)."""
+    hf.models.LARGE_MODEL_BYTES)."""
     from peft import PeftModel
 
     adir = adapter_dir(adapter)
     if stream is None:
-        stream = streamable(adir, merge_into) is None and weights_bytes(src.path) > LARGE_MODEL_BYTES
+        stream = streamable(adir, merge_into) is None and is_large(src.path)
     if stream:
         return merge_streaming(src, adir, Path(out))
     trust_remote_code = src.trust_remote_code

@@ -402,3 +402,17 @@ def test_chat_and_generate_with_an_adapter(built, tmp_path):
     f.write_bytes(bytes(data))
     with pytest.raises(ToolchainError, match="sha256 differs from the manifest"):
         Chat(bad, adapter="chat-lora")
+
+
+def test_edge_recipe_takes_the_adapter_runs_finetune(built, tiny_phi3, monkeypatch):
+    """`edge --recipe R` after `edge --adapters R,...` trains R once: both key the fine-tune alike (pipeline.
+    finetune_inputs), and the second run takes the first's stage folder instead of training again."""
+    from conftest import prepare
+
+    root, recipes, _, _ = built
+    monkeypatch.setattr("toolchain.stages.finetune.decoder.finetune", lambda *a, **k: pytest.fail("trained again"))
+    run = prepare(str(tiny_phi3), str(recipes[0]), root / "artifacts")
+    mine = run.root / "stages" / "finetune" / "adapter" / "adapter_model.safetensors"
+    theirs = root / "artifacts" / "tiny-phi30-adapters" / "stages" / "finetune-chat-lora" / "adapter" / mine.name
+    assert run.st.reused["finetune"] and mine.read_bytes() == theirs.read_bytes()
+    assert run.reference["torch_tuned"]["perplexity"] > 1  # the summary (base and tuned figures) came with it

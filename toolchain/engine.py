@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -47,11 +49,16 @@ class Stages:
         """Stage -> whether this run reused it."""
         return {name: c["reused"] for name, c in self.cost.items()}
 
-    def run(self, name: str, inputs: dict, fn: Callable[[Path], dict], out: Optional[Path] = None) -> StageOut:
+    def run(self, name: str, inputs: dict, fn: Callable[[Path], dict], out: Optional[Path] = None,
+            borrow: Optional[Path] = None) -> StageOut:
+        """borrow: the same stage's folder under another run's root (a fine-tune that `edge --recipe R` and
+        `edge --adapters R,...` share); taken, hard-linked, when its recorded key is this one."""
         out = out or self.root / "stages" / name
         key = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
         rec = self.root / "stages" / ".keys" / f"{name}.json"
         recorded = json.loads(rec.read_text()) if not self.force and out.exists() and rec.is_file() else {}
+        if recorded.get("key") != key and borrow is not None and not self.force:
+            recorded = _borrow(borrow, key, out, rec) or recorded
         reused = recorded.get("key") == key
         if reused:
             console.print(f"[dim]{name}: inputs unchanged ({key}), reusing {out}[/dim]")
@@ -71,6 +78,32 @@ class Stages:
         self.lineage.append({"stage": name, "key": key, "out": str(out), **({"cost": built} if built else {})})
         self.cost[name] = {"reused": reused, **({"seconds": 0.0, "peak_rss_mb": None} if reused else cost)}
         return StageOut(out, key, summary, reused)
+
+
+def _borrow(other: Path, key: str, out: Path, rec: Path) -> Optional[dict]:
+    """Copy another root's stage folder (hard links: stage folders are never written after they are made) and its
+    key record when that stage hashed to the same key; None when it did not."""
+    other_rec = other.parent / ".keys" / f"{other.name}.json"
+    if not (other.is_dir() and other_rec.is_file()):
+        return None
+    recorded = json.loads(other_rec.read_text())
+    if recorded.get("key") != key:
+        return None
+
+    def link(a, b):
+        try:
+            os.link(a, b)
+        except OSError:  # another file system
+            shutil.copy2(a, b)
+
+    tmp = out.with_name(out.name + ".borrow")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(other, tmp, copy_function=link)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    rec.write_text(json.dumps(recorded, indent=2, default=str))
+    console.print(f"[dim]{out.name}: the same stage as {other} ({key}), taken from there[/dim]")
+    return recorded
 
 
 def files_hash(paths: list[Path]) -> str:

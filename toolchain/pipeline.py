@@ -95,11 +95,25 @@ def retention_key() -> dict:
             "max_new_tokens": rt_retention.MAX_NEW_TOKENS}
 
 
+def finetune_inputs(src: Resolved, rec: Recipe, rec_file: Path, launch: Launch) -> dict:
+    """A decoder fine-tune's stage key inputs, the same for `edge --recipe R` and `edge --adapters R,...` (so either
+    run takes the other's fine-tune): the weights and data by content, the training settings, the replay data by
+    content (base weights, prompts, settings: the answers are greedy), and the retention set."""
+    from toolchain.stages.finetune import replay
+
+    trained = rec.model_dump(include={"data", "method", "train", "metric"})
+    trained["method"].pop("merge_into")  # a merge setting: changes the merged stage, not the fine-tune
+    ft_in = {"model": src.card.name, **_inputs(src, rec, rec_file), "recipe": trained,
+             "replay": replay.key(src, rec, rec_file), "retention": retention_key()}
+    if launch.launcher != "none":
+        ft_in["launch"] = launch.model_dump()
+    return ft_in
+
+
 def prepare(src: Resolved, rec: Recipe, rec_file: Path, out: Path = Path("artifacts"), exporter: Optional[str] = None,
             force: bool = False, launch: Launch = Launch(), overrides: tuple = ()) -> Run:
     """finetune -> merge -> export (fp32) -> reference, each reused when its inputs are unchanged."""
     from toolchain.stages.export.decoder import export
-    from toolchain.stages.finetune import replay
     from toolchain.stages.finetune.decoder import finetune
     from toolchain.stages.merge import merge
     from toolchain.hf.models import is_large, weights_bytes
@@ -112,14 +126,9 @@ def prepare(src: Resolved, rec: Recipe, rec_file: Path, out: Path = Path("artifa
     root = Path(out) / f"{src.card.name}-{rec.name}"
     st = Stages(root, force)
     inputs = _inputs(src, rec, rec_file)
-    trained = rec.model_dump(include={"data", "method", "train", "metric"})
-    trained["method"].pop("merge_into")  # a merge setting: changes the merged stage, not the fine-tune
-    # the replay data by content (base weights, prompts, settings: the answers are greedy), and the retention set
-    ft_in = {"model": src.card.name, **inputs, "recipe": trained, "replay": replay.key(src, rec, rec_file),
-             "retention": retention_key()}
-    if launch.launcher != "none":
-        ft_in["launch"] = launch.model_dump()
-    ft = st.run("finetune", ft_in, lambda o: finetune(src, rec, rec_file, o, launch=launch))
+    ft = st.run("finetune", finetune_inputs(src, rec, rec_file, launch),
+                lambda o: finetune(src, rec, rec_file, o, launch=launch),
+                borrow=Path(out) / f"{src.card.name}-adapters" / "stages" / f"finetune-{rec.name}")
     merge_into = rec.method.merge_into if rec.method.type == "qlora" else None
     mg = st.run("merged", {"finetune": ft.key, "merge_into": merge_into},
                 lambda o: merge(src, ft.out, o, merge_into=merge_into))

@@ -86,20 +86,16 @@ def _base_stage(st: Stages, src: Resolved, weights: str, targets: list[str], dty
 def _adapter_stages(st: Stages, src: Resolved, rec, rec_file: Path, base, weights: str, dtype: str,
                     launch: Launch) -> dict:
     """fine-tune -> convert -> reference for one recipe; returns what packaging takes for it."""
-    from toolchain.pipeline import retention_key
+    from toolchain.pipeline import finetune_inputs
     from toolchain.stages.adapters import ADAPTER_FILE, convert
-    from toolchain.stages.finetune import replay
     from toolchain.stages.finetune.decoder import finetune
     from toolchain.stages.reference import reference
 
-    data = files_hash([rec_file.parent / f for f in (rec.data.train, rec.data.eval) if f])
-    trained = rec.model_dump(include={"data", "method", "train", "metric"})
-    trained["method"].pop("merge_into")
-    ft_in = {"model": src.card.name, "weights": weights, "data": data, "recipe": trained,  # as pipeline.prepare keys it
-             "replay": replay.key(src, rec, rec_file), "retention": retention_key()}
-    if launch.launcher != "none":
-        ft_in["launch"] = launch.model_dump()
-    ft = st.run(f"finetune-{rec.name}", ft_in, lambda o: finetune(src, rec, rec_file, o, launch=launch))
+    ft_in = finetune_inputs(src, rec, rec_file, launch)
+    data = ft_in["data"]
+    # `edge --recipe R` keys its fine-tune the same way: an unchanged one there is taken, not trained again
+    ft = st.run(f"finetune-{rec.name}", ft_in, lambda o: finetune(src, rec, rec_file, o, launch=launch),
+                borrow=st.root.parent / f"{src.card.name}-{rec.name}" / "stages" / "finetune")
     sfx = suffix(dtype)
     cv = st.run(f"adapter-{rec.name}{sfx}", {"finetune": ft.key, "base": base.key, "dtype": dtype},
                 lambda o: convert(src, ft.out / "adapter", base.out, o, dtype))

@@ -70,6 +70,10 @@ def test_multi_adapter_artifact_builds_and_validates(built):
         assert rep["base"][name]["perplexity"] > 1 and "torch_base" in rep["base"][name]
         # the base alone on the recipe's split is the untuned base: int4 noise away from torch's base perplexity
         assert abs(rep["base"][name]["delta_perplexity_vs_torch_base_pct"]) < 5
+        # retention, as on every decoder artifact: the shipped set scored with each adapter and with the base alone
+        assert m["retention_items"] == rep["base"][name]["retention_items"] == 48 and 0 <= m["retention"] <= 1
+        assert "retention" in rep["adapters"][name]["reference"]["torch_base"]
+    assert "retention.jsonl" in man["files"]
     h = rep["headline"]
     assert h["size_mb"] == pytest.approx(h["base_mb"] + sum(rep["measured"]["adapters_mb"].values()))
     assert h["size_mb"] < h["merged_equivalent_mb"]  # one base plus two adapters is less than two bases
@@ -416,3 +420,14 @@ def test_edge_recipe_takes_the_adapter_runs_finetune(built, tiny_phi3, monkeypat
     theirs = root / "artifacts" / "tiny-phi30-adapters" / "stages" / "finetune-chat-lora" / "adapter" / mine.name
     assert run.st.reused["finetune"] and mine.read_bytes() == theirs.read_bytes()
     assert run.reference["torch_tuned"]["perplexity"] > 1  # the summary (base and tuned figures) came with it
+
+
+def test_decoding_no_tokens_is_empty_not_a_crash(built):
+    """onnxruntime-genai 0.15.2's Tokenizer.decode([]) kills the process with SIGFPE; an answer that is only its
+    end-of-sequence token (retention under an adapter on the tiny model) must score as "", not end the run."""
+    art = built[3]
+    code = ("from toolchain.runtime import genai\n"
+            f"m, tok = genai.load({str(art)!r})\n"
+            "print(repr(genai.decode(tok, [])), repr(genai.decode(tok, [int(tok.encode('hi')[0])])) != \"''\")")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.split() == ["''", "True"], r.stderr[-2000:]

@@ -218,6 +218,8 @@ def headline(rep: dict, reused: dict) -> dict:
                                    "onnx_fp32": r["reference"]["onnx_fp32"].get(r["metric"]),
                                    "base_alone": rep["base"][name].get(r["metric"]),
                                    "base_torch": r["reference"]["torch_base"].get(r["metric"]),
+                                   "retention": r["measured"].get("retention"),
+                                   "retention_base_torch": r["reference"]["torch_base"].get("retention"),
                                    "adapter_mb": m["adapters_mb"][name], "status": r["status"]}
                             for name, r in rep["adapters"].items()}
         h["switch_ms"] = rep["switch"]["activate_ms_switched_p50"]
@@ -237,12 +239,14 @@ def markdown(rep: dict) -> str:
     if not rep.get("validated"):
         return "\n".join(lines + [f"**{rep.get('reason')}.** Nothing else was measured.", ""])
     lines += ["| adapter | metric | base torch | tuned torch | fp32 ONNX + adapter | this artifact | base alone | "
-              "decode tok/s | adapter MB | gates |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "retention (base torch / artifact) | decode tok/s | adapter MB | gates |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for n, r in sorted(rep["adapters"].items()):
         k, ref, mm = r["metric"], r["reference"], r["measured"]
         gates = "pass" if r["passed"] else "MISS " + ", ".join(g["gate"] for g in r["gates"] if not g["passed"])
         lines.append(f"| {n} | {k} | {_f(ref['torch_base'].get(k))} | {_f(ref['torch_tuned'].get(k))} | "
                      f"{_f(ref['onnx_fp32'].get(k))} | {_f(mm.get(k))} | {_f(rep['base'][n].get(k))} | "
+                     f"{_f(ref['torch_base'].get('retention'))} / {_f(mm.get('retention'))} | "
                      f"{_f(mm.get('decode_tok_s_p50'), '.1f')} | {_f(mm['adapter_mb'], '.2f')} | {gates} |")
     sw = rep["switch"]
     lines += ["", f"Switching ({sw['requests']} requests over the base and {sw['adapters']} adapters): a new generator "

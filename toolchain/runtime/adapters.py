@@ -33,7 +33,7 @@ from toolchain.runtime.errors import ToolchainError
 from toolchain.runtime.fsutil import sha256_file
 from toolchain.runtime.gates import check_gates, merge_gates
 from toolchain.runtime.memory import peak_rss_mb
-from toolchain.runtime.validate import accuracy, latency, pick_provider
+from toolchain.runtime.validate import accuracy, latency, pick_provider, read_retention, retention
 
 
 def adapter_path(name: str) -> str:
@@ -161,6 +161,8 @@ def validate(folder: Path, adapter: Optional[str] = None, progress=None, lookup:
     model, tok, man, load_ms = open_artifact(folder, provider, target.get("provider_options") if provider != "cpu" else None,
                                              names)
     eos = genai.eos_ids(tok)
+    general = read_retention(folder)  # scored with each adapter (its min_retention gate) and with the base alone
+    base_retention = retention(model.use(None), tok, general) if general else {}
     reports, base = {}, {}
     for n in names:
         e, rows = ads[n], _rows(folder, ads[n])
@@ -169,6 +171,8 @@ def validate(folder: Path, adapter: Optional[str] = None, progress=None, lookup:
         m = model.use(n)
         lat = latency(m, prompt, lookup=lookup, eos=eos)
         acc, _ = accuracy(m, tok, rows, metric, rec["metric"]["max_new_tokens"], progress, lookup)
+        if general:
+            acc.update(retention(m, tok, general))
         measured = {**lat, **acc, "adapter_mb": sizes["adapters_mb"][n], "load_ms": load_ms[n]}
         gates = check_gates(merge_gates(rec.get("gates", {}), target.get("gates", {})), measured, e["reference"], metric)
         passed = all(g["passed"] for g in gates)
@@ -178,7 +182,8 @@ def validate(folder: Path, adapter: Optional[str] = None, progress=None, lookup:
         figs, _ = accuracy(model.use(None), tok, rows, metric, rec["metric"]["max_new_tokens"], progress)
         figs.pop("token_agreement_fp32", None)  # the split's fp32 tokens are the adapter's, not the base's
         torch_base = e["reference"].get("torch_base", {})
-        figs["torch_base"] = {k: torch_base[k] for k in (metric, "perplexity") if k in torch_base}
+        figs.update(base_retention)
+        figs["torch_base"] = {k: torch_base[k] for k in (metric, "perplexity", "retention") if k in torch_base}
         if "perplexity" in torch_base:
             figs["delta_perplexity_vs_torch_base_pct"] = 100 * (figs["perplexity"] / torch_base["perplexity"] - 1)
         base[n] = figs

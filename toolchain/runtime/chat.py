@@ -121,7 +121,7 @@ class Chat:
                            on_token=piece if on_text and not lookup else None)
         stopped = "eos" if g.tokens and g.tokens[-1] in self.eos else "length"
         new = g.tokens[:-1] if stopped == "eos" else g.tokens
-        answer = self.tok.decode(new) if new else ""
+        answer = genai.decode(self.tok, new)
         if on_text and lookup:
             on_text(answer)
         if not self.raw:

@@ -88,6 +88,12 @@ def new_generator(model, params):
     return gen
 
 
+def decode(tok, ids) -> str:
+    """tok.decode(ids), and "" for no ids: onnxruntime-genai 0.15.2's Tokenizer.decode([]) kills the process with
+    SIGFPE (seen when an answer is only its end-of-sequence token, e.g. a tiny model's with an adapter)."""
+    return tok.decode(ids) if len(ids) else ""
+
+
 def eos_ids(tok) -> tuple[int, ...]:
     """The tokenizer's end-of-sequence ids, as generate(lookup=...) takes them."""
     return tuple(int(e) for e in tok.eos_token_ids)

@@ -85,7 +85,7 @@ def accuracy(model, tok, rows: list[dict], metric: str, max_new_tokens: int, pro
                 agree.append(agreement(generated[-1], r["fp32_tokens"]))
             if progress:
                 progress(i + 1, len(gen_rows))
-        preds = [tok.decode(t) for t in generated]
+        preds = [genai.decode(tok, t) for t in generated]
         out.update(metrics.task_scores(metric, preds, [r["reference"] for r in gen_rows],
                                        [r.get("constraints", {}) for r in gen_rows]))
         out["eval_examples"] = len(gen_rows)
@@ -102,7 +102,7 @@ def retention(model, tok, rows: list[dict]) -> dict:
     replies = []
     for r in rows:
         toks = genai.generate(model, r["prompt_ids"], rt_retention.MAX_NEW_TOKENS).tokens
-        replies.append(tok.decode([t for t in toks if t not in eos]))
+        replies.append(genai.decode(tok, [t for t in toks if t not in eos]))
     return rt_retention.score(rows, replies)
 
 

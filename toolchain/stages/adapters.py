@@ -38,6 +38,7 @@ from toolchain.runtime.contracts import Manifest
 from toolchain.runtime.errors import ToolchainError
 from toolchain.runtime.fsutil import atomic_dir, sha256_file
 from toolchain.runtime.genai import ADAPTER_SUFFIX, ADAPTERS_DIR
+from toolchain.runtime.retention import RETENTION_FILE
 
 MODEL = "model.onnx"
 METHODS = ("lora", "rslora")  # plain LoRA weights: what the builder's LoRA path computes
@@ -332,8 +333,8 @@ def convert(src: Resolved, adapter_dir: Path, base_dir: Path, out: Path, dtype: 
 
 def package_adapters(base_q: Path, entries: dict[str, dict], out: Path, manifest: Manifest) -> Path:
     """The multi-adapter artifact: the quantized base folder, adapters/<name>.onnx_adapter and
-    adapters/<name>.eval.jsonl for every entry ({"adapter": file, "eval": file, "entry": manifest entry}), and
-    manifest.json last (every file's sha256, each adapter's own sha256 in its entry)."""
+    adapters/<name>.eval.jsonl for every entry ({"adapter": file, "eval": file, "entry": manifest entry}), the
+    retention set (retention.jsonl, as every decoder artifact ships it), and manifest.json last (every file's sha256, each adapter's own sha256 in its entry)."""
     from toolchain.stages.package import stamp_genai_config, versions
     from toolchain.runtime import manifest as man_mod
 
@@ -348,6 +349,9 @@ def package_adapters(base_q: Path, entries: dict[str, dict], out: Path, manifest
             shutil.copy2(e["eval"], tmp / rt.eval_path(name))
             adapters[name] = {**e["entry"], "file": rt.adapter_path(name), "eval": rt.eval_path(name),
                               "sha256": sha256_file(tmp / rt.adapter_path(name))}
+        general = [Path(e["eval"]).parent / RETENTION_FILE for e in entries.values()]  # the same set, one tokenizer
+        if general and general[0].is_file():
+            shutil.copy2(general[0], tmp / RETENTION_FILE)
         stamp_genai_config(tmp, manifest.target)
         done = manifest.model_copy(update={"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                            "versions": versions(), "adapters": adapters,

@@ -69,9 +69,7 @@ def reference(export_dir: Path, merged_dir: Path, recipe, recipe_file: Path, out
                                       progress=lambda i, n: bar.update(1))
     for r, toks in zip([r for r in rows if "prompt_ids" in r], generated):
         r["fp32_tokens"] = toks
-    # A multi-adapter base is not scored for retention, nor does its artifact ship the set: onnxruntime-genai 0.15.2
-    # stopped with SIGFPE generating these prompts through the tiny test model's LoRA-input graph (not investigated)
-    general = [] if adapter is not None else _general(tok)
+    general = _general(tok)  # with an adapter: what the base with it still knows
     if general:
         figures.update(retention(model, og_tok, general))
     _write(out, rows, figures, general)

@@ -66,8 +66,10 @@ def _f(v, spec=".3f") -> str:
 
 def markdown(res: dict) -> str:
     h = res["host"]
-    lines = [f"# Retention by recipe ({res['date']}, {res['commit']})", "",
-             f"CPU: {h['cpu']} ({' '.join(h['isa'])}), {h['cores']} cores. Command: `{res['command']}`.", "",
+    lines = [f"# Retention by recipe ({res['date']})", "",
+             f"CPU: {h['cpu']} ({' '.join(h['isa'])}), {h['cores']} cores. Commands (commit): "
+             + "; ".join(sorted({f"`{r.get('command', res['command'])}` ({r.get('commit', res['commit'])})"
+                                 for r in res["recipes"].values()})) + ".", "",
              "Task metric and retention (48 general questions under a generic system prompt, fraction right) for base "
              "torch / tuned torch / cpu-int4; drift: the tuned model's top-1 agreement with the base and mean KL on "
              "general text. Before = no replay (`--set data.replay.fraction=0`, torch only), after = as shipped.", "",
@@ -99,12 +101,17 @@ def main() -> None:
     ap.add_argument("--before", choices=("torch", "none"), default="torch")
     ap.add_argument("--results", type=Path, default=REPO / "bench" / "results")
     a = ap.parse_args()
-    res = {"date": datetime.date.today().isoformat(), **fields(), "recipes": {}}
+    date = datetime.date.today().isoformat()
+    stem = a.results / f"retention-recipes-{date}"
+    # a later run the same day adds its recipes to the file (each recipe keeps the commit and command it ran under)
+    res = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").is_file() else {"recipes": {}}
+    run = {"date": date, **fields()}
+    res.update(run)
     for name in a.recipes.split(","):
-        r = res["recipes"][name] = {"after": after(name, a.out.resolve())}
+        r = res["recipes"][name] = {"commit": run["commit"], "command": run["command"],
+                                    "after": after(name, a.out.resolve())}
         if a.before == "torch":
             r["before"] = before(name, a.model, a.out.resolve())
-    stem = a.results / f"retention-recipes-{res['date']}"
     stem.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
     stem.with_suffix(".md").write_text(markdown(res))
     print(stem.with_suffix(".md").read_text())

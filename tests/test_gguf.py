@@ -99,7 +99,7 @@ def test_gguf_q8_0_artifact_and_not_validated_without_llama_cpp(gguf_run, monkey
     out, _, model, rep = gguf_run
     art = out / f"{model.name}-chat-lora" / "gguf-q8_0"
     man = verify(art)  # every file against its sha256
-    assert sorted(man["files"]) == ["eval.jsonl", "model-Q8_0.gguf"]
+    assert sorted(man["files"]) == ["eval.jsonl", "model-Q8_0.gguf", "retention.jsonl"]
     t = man["target"]
     assert (t["name"], t["built_by"], t["ep"], t["precision"]) == ("gguf-q8_0", "llama.cpp", "llama.cpp", "q8_0")
     q = t["quantize"]
@@ -166,6 +166,8 @@ def test_gguf_validated_with_llama_cpp(gguf_run):
     assert abs(m["perplexity"] / ref["onnx_fp32"]["perplexity"] - 1) < 0.05  # Q8_0 of a random tiny model
     assert [g["gate"] for g in rep["gates"]] == ["max_perplexity_increase_pct"]
     assert m["token_agreement_fp32"] > 0.5
+    # retention, as on the ONNX artifacts: the shipped general set answered by llama.cpp
+    assert m["retention_items"] == 48 and 0 <= m["retention"] <= 1 and set(m["retention_by_kind"]) >= {"fact"}
     # --data: the recipe's own held-out JSONL, tokenized by the GGUF's tokenizer and chat template, gives the ids
     # the pipeline shipped (tokenized by transformers), so the same perplexity; no gates on a user's data
     from conftest import REPO

@@ -76,9 +76,10 @@ def print_headline(rep: dict) -> None:
     console.print(f"  base {h['base_mb']:.2f} MB + {h['adapters']} adapters = {h['size_mb']:.2f} MB "
                   f"(vs about {h['merged_equivalent_mb']:.2f} MB as {h['adapters']} merged artifacts)")
     for name, a in sorted((h.get("per_adapter") or {}).items()):
-        console.print(f"  {name:14s} {a['metric']}: base torch {a['base_torch'] or float('nan'):.3f}   tuned torch "
-                      f"{a['tuned_torch'] or float('nan'):.3f}   fp32 ONNX {a['onnx_fp32'] or float('nan'):.3f}   "
-                      f"here {a['artifact'] or float('nan'):.3f}   base alone {a['base_alone'] or float('nan'):.3f}   "
+        f = lambda k: "n/a" if a.get(k) is None else f"{a[k]:.3f}"  # 0.0 is a score, not a missing one
+        console.print(f"  {name:14s} {a['metric']}: base torch {f('base_torch')}   tuned torch {f('tuned_torch')}   "
+                      f"fp32 ONNX {f('onnx_fp32')}   here {f('artifact')}   base alone {f('base_alone')}   "
+                      f"retention {f('retention')} (base torch {f('retention_base_torch')})   "
                       f"{a['adapter_mb']:.2f} MB  {a['status']}")
     if "switch_ms" in h:
         console.print(f"  switching adapters: {h['switch_ms']:.3f} ms p50")

@@ -28,7 +28,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from toolchain.runtime import host, metrics
+from toolchain.runtime import host, metrics, retention as rt_retention
 from toolchain.runtime.contracts import Report
 from toolchain.runtime.errors import ToolchainError
 from toolchain.runtime.gates import check_gates, merge_gates
@@ -207,6 +207,11 @@ def answers(run: Runner, rows: list[dict], metric: str, max_new_tokens: int, pro
     return out
 
 
+def _retention_rows(folder: Path) -> list[dict]:
+    f = Path(folder) / rt_retention.RETENTION_FILE
+    return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.is_file() else []
+
+
 def validate(folder: Path, man: dict, data: Optional[Path] = None, progress=None, lookup: int = 0) -> dict:
     """The report for a GGUF artifact whose files validate.validate has already checked against the manifest."""
     folder = Path(folder)
@@ -261,6 +266,14 @@ def validate(folder: Path, man: dict, data: Optional[Path] = None, progress=None
         acc.update(answers(gen, rows, metric, max_new, progress))
     finally:
         gen.close()
+    general = _retention_rows(folder) if data is None else []
+    if general:  # the shipped general set, as the ONNX artifacts score it (validate.retention)
+        gen = Runner(gguf, threads, max(len(r["prompt_ids"]) for r in general) + rt_retention.MAX_NEW_TOKENS + 8)
+        try:
+            acc.update(rt_retention.score(general, [gen.text(gen.generate(r["prompt_ids"], rt_retention.MAX_NEW_TOKENS)
+                                                              ["tokens"]) for r in general]))
+        finally:
+            gen.close()
     measured = {**lat, **acc, "size_mb": size_mb, "peak_rss_mb": peak_rss_mb()}
     gates = (check_gates(merge_gates(rec.get("gates", {}), target.get("gates", {})), measured, base["reference"], metric)
              if data is None else [])  # the gates are the shipped split's, as in validate.py

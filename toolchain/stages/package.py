@@ -107,12 +107,15 @@ def package_encoder(q_dir: Path, model_dir: Path, eval_rows: list[dict], out: Pa
 
 
 def package_gguf(built: Path, eval_file: Path, out: Path, manifest: Manifest) -> Path:
-    """A GGUF artifact: the stage's .gguf file, the tokenized eval split (the same one the ONNX artifacts ship) and
-    the manifest, written last. llama.cpp reads the tokenizer from the GGUF itself, so no tokenizer files ship."""
+    """A GGUF artifact: the stage's .gguf file, the tokenized eval split and the retention set (the ones the ONNX
+    artifacts ship) and the manifest, written last. llama.cpp reads the tokenizer from the GGUF itself, so no tokenizer files ship."""
     with atomic_dir(Path(out)) as tmp:
         for p in Path(built).glob("*.gguf"):
             shutil.copy2(p, tmp / p.name)
         shutil.copy2(eval_file, tmp / EVAL_FILE)
+        general = Path(eval_file).parent / RETENTION_FILE  # scored by llama.cpp as the ONNX artifacts score it
+        if general.is_file():
+            shutil.copy2(general, tmp / RETENTION_FILE)
         _write_manifest(tmp, manifest)
     return Path(out)
 

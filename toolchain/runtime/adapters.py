@@ -27,13 +27,13 @@ from typing import Optional
 
 import numpy as np
 
-from toolchain.runtime import genai, host, manifest
+from toolchain.runtime import genai, host, manifest, retention as rt_retention
 from toolchain.runtime.contracts import Report
 from toolchain.runtime.errors import ToolchainError
 from toolchain.runtime.fsutil import sha256_file
 from toolchain.runtime.gates import check_gates, merge_gates
 from toolchain.runtime.memory import peak_rss_mb
-from toolchain.runtime.validate import accuracy, latency, pick_provider, read_retention, retention
+from toolchain.runtime.validate import accuracy, latency, pick_provider, retention
 
 
 def adapter_path(name: str) -> str:
@@ -81,20 +81,23 @@ def open_artifact(folder: Path, provider: str = "cpu", options: Optional[dict] =
     man = manifest.verify(folder)
     ads = entries(man, folder)
     names = list(ads) if names is None else names
-    for n in names:  # every entry checked before the base is loaded
-        check_entry(folder, man, n)
+    files = checked_files(folder, man, names)  # before the base is loaded
     base, tok = genai.load(folder, provider, options)
-    model, load_ms = load_into(base, folder, man, names)
+    model, load_ms = load_into(base, files)
     return model, tok, man, load_ms
 
 
-def load_into(base, folder: Path, man: dict, names: list[str]) -> tuple[genai.Adapted, dict]:
-    """(model, load_ms): the adapters `names` (each checked with check_entry) loaded into the og.Model `base`."""
+def checked_files(folder: Path, man: dict, names: list[str]) -> dict[str, Path]:
+    """name -> the adapter file, for each of `names` after check_entry."""
+    return {n: Path(folder) / check_entry(folder, man, n)["file"] for n in names}
+
+
+def load_into(base, files: dict[str, Path]) -> tuple[genai.Adapted, dict]:
+    """(model, load_ms): the adapter files (checked_files) loaded into the og.Model `base`."""
     import onnxruntime_genai as og
 
     model, load_ms = genai.Adapted(base, og.Adapters(base)), {}
-    for n in names:
-        f = Path(folder) / check_entry(folder, man, n)["file"]
+    for n, f in files.items():
         t0 = time.perf_counter()
         model = model.load(n, f)
         load_ms[n] = 1000 * (time.perf_counter() - t0)
@@ -161,7 +164,7 @@ def validate(folder: Path, adapter: Optional[str] = None, progress=None, lookup:
     model, tok, man, load_ms = open_artifact(folder, provider, target.get("provider_options") if provider != "cpu" else None,
                                              names)
     eos = genai.eos_ids(tok)
-    general = read_retention(folder)  # scored with each adapter (its min_retention gate) and with the base alone
+    general = rt_retention.read(folder)  # scored with each adapter (its min_retention gate) and with the base alone
     base_retention = retention(model.use(None), tok, general) if general else {}
     reports, base = {}, {}
     for n in names:

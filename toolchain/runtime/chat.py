@@ -68,9 +68,9 @@ class Chat:
             raise ToolchainError(f"{self.folder}: --adapter {adapter}: this artifact has no adapters (its manifest "
                                  "lists none); build one with `toolchain edge --adapters RECIPE,RECIPE`")
         if self.adapters:
-            from toolchain.runtime.adapters import load_into
+            from toolchain.runtime.adapters import checked_files, load_into
 
-            self.model = load_into(self.model, self.folder, man, self.adapters)[0].use(adapter)
+            self.model = load_into(self.model, checked_files(self.folder, man, self.adapters))[0].use(adapter)
         self.eos = genai.eos_ids(self.tok)
         self.system, self.raw = system, raw
         self.messages: list[dict] = []

@@ -207,11 +207,6 @@ def answers(run: Runner, rows: list[dict], metric: str, max_new_tokens: int, pro
     return out
 
 
-def _retention_rows(folder: Path) -> list[dict]:
-    f = Path(folder) / rt_retention.RETENTION_FILE
-    return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.is_file() else []
-
-
 def validate(folder: Path, man: dict, data: Optional[Path] = None, progress=None, lookup: int = 0) -> dict:
     """The report for a GGUF artifact whose files validate.validate has already checked against the manifest."""
     folder = Path(folder)
@@ -259,21 +254,18 @@ def validate(folder: Path, man: dict, data: Optional[Path] = None, progress=None
     # generation: last-position logits only, as llama.cpp runs for a user
     max_new = rec["metric"]["max_new_tokens"]
     first = rows[0].get("prompt_ids") or rows[0]["input_ids"]
-    n_ctx = max([len(first) + LATENCY_TOKENS] + [len(r["prompt_ids"]) + max_new for r in rows if "prompt_ids" in r]) + 8
+    general = rt_retention.read(folder) if data is None else []  # scored as validate.retention scores it
+    n_ctx = max([len(first) + LATENCY_TOKENS] + [len(r["prompt_ids"]) + max_new for r in rows if "prompt_ids" in r]
+                + [len(r["prompt_ids"]) + rt_retention.MAX_NEW_TOKENS for r in general]) + 8
     gen = Runner(gguf, threads, n_ctx, logits_all=False)
     try:
         lat = latency(gen, first)
         acc.update(answers(gen, rows, metric, max_new, progress))
-    finally:
-        gen.close()
-    general = _retention_rows(folder) if data is None else []
-    if general:  # the shipped general set, as the ONNX artifacts score it (validate.retention)
-        gen = Runner(gguf, threads, max(len(r["prompt_ids"]) for r in general) + rt_retention.MAX_NEW_TOKENS + 8)
-        try:
+        if general:
             acc.update(rt_retention.score(general, [gen.text(gen.generate(r["prompt_ids"], rt_retention.MAX_NEW_TOKENS)
                                                               ["tokens"]) for r in general]))
-        finally:
-            gen.close()
+    finally:
+        gen.close()
     measured = {**lat, **acc, "size_mb": size_mb, "peak_rss_mb": peak_rss_mb()}
     gates = (check_gates(merge_gates(rec.get("gates", {}), target.get("gates", {})), measured, base["reference"], metric)
              if data is None else [])  # the gates are the shipped split's, as in validate.py

@@ -13,7 +13,9 @@ models were scored on. Each answer is checked by code, by the item's kind:
 """
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 from typing import Sequence
 
 RETENTION_FILE = "retention.jsonl"  # the tokenized set an artifact ships
@@ -22,6 +24,12 @@ MAX_NEW_TOKENS = 24  # enough for every accepted answer; short, so scoring stays
 KINDS = ("fact", "number", "word", "french", "list")
 _NUMBER = re.compile(r"-?\d+(?:[.,]\d+)?")
 _WORDS = re.compile(r"[^\W_]+(?:['-][^\W_]+)*")
+
+
+def read(folder: Path) -> list[dict]:
+    """An artifact's retention set (RETENTION_FILE); empty for an artifact packaged before it shipped one."""
+    f = Path(folder) / RETENTION_FILE
+    return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.is_file() else []
 
 
 def messages(prompt: str) -> list[dict]:

@@ -106,12 +106,6 @@ def retention(model, tok, rows: list[dict]) -> dict:
     return rt_retention.score(rows, replies)
 
 
-def read_retention(folder: Path) -> list[dict]:
-    """The artifact's retention set; empty for an artifact packaged before it shipped one."""
-    f = Path(folder) / rt_retention.RETENTION_FILE
-    return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.is_file() else []
-
-
 def eval_rows(folder: Path, data: Optional[Path], tok) -> list[dict]:
     """The rows to score: the shipped eval.jsonl (tokenized at packaging), or the user's file tokenized here."""
     from toolchain.runtime.devicedata import tokenize_rows
@@ -181,7 +175,7 @@ def validate(folder: Path, data: Optional[Path] = None, progress=None, lookup: i
                   eos=genai.eos_ids(tok))
     say(f"accuracy: perplexity over {len(rows)} rows, then {rec['metric']['name']} by greedy generation")
     acc, _ = accuracy(model, tok, rows, rec["metric"]["name"], rec["metric"]["max_new_tokens"], progress, lookup)
-    general = read_retention(folder) if data is None else []
+    general = rt_retention.read(folder) if data is None else []
     if general:
         say(f"retention: {len(general)} general questions under a generic system prompt")
         acc.update(retention(model, tok, general))

@@ -2,11 +2,16 @@
 before replay (data.replay.fraction=0) and after (the recipe as shipped).
 
     python bench/retention.py --recipes chat-lora,classify,qa --out /tmp/ret [--before torch|none]
+    python bench/retention.py --recipes chat-lora --out /tmp/ret --after none --before none \
+        --variant "r8=method.r=8;method.alpha=16" --variant lr1e-3=train.lr=1e-3     # a sweep over the shipped recipe
 
 after:  `toolchain edge --recipe R --out OUT` (the stage cache reuses what an earlier run built under OUT): base
         torch, tuned torch and the cpu-int4 artifact, from the artifact's report.json
 before: `toolchain finetune --recipe R --set data.replay.fraction=0 --out OUT/R-no-replay`: base and tuned torch
         (the torch figures are what replay changes; the artifact follows its tuned model, see chat-lora's comments)
+
+variant LABEL=KEY=V[;KEY=V]: `toolchain finetune --recipe R --set KEY=V ... --out OUT/R-LABEL`, torch only: the
+        shipped recipe (replay included) with those keys changed, to choose rank, targets and learning rate
 
 Writes bench/results/retention-recipes-<date>.json and .md with the commit, host and command.
 """
@@ -35,6 +40,16 @@ def figures(scores: dict, metric: str) -> dict:
     return {"metric": scores.get(metric), **{k: scores[k] for k in KEYS if k in scores}}
 
 
+def settings(recipe: str, out: Path) -> dict:
+    """What the built artifact under OUT trained and quantized with (its manifest's recipe): replay and int8 keys."""
+    man = next(out.glob(f"*-{recipe}/cpu-int4/manifest.json"), None)
+    if man is None:
+        return {}
+    rec = json.loads(man.read_text())["recipe"]
+    return {"replay": rec["data"]["replay"]["fraction"], "int8": rec["quantize"].get("int8") or [],
+            "lora_r": rec["method"]["r"], "lr": rec["train"]["lr"], "max_steps": rec["train"]["max_steps"]}
+
+
 def after(recipe: str, out: Path) -> dict:
     cmd = ["edge", "--recipe", recipe, "--out", str(out)]
     rc, seconds = toolchain(*cmd)
@@ -44,14 +59,17 @@ def after(recipe: str, out: Path) -> dict:
     rep = json.loads(rep_file.read_text())
     metric, ref = rep["metric"], rep["reference"]
     return {"command": "toolchain " + " ".join(cmd), "exit": rc, "seconds": seconds, "status": rep["status"],
+            "settings": settings(recipe, out),
             "metric": metric, "base_torch": figures(ref["torch_base"], metric),
             "tuned_torch": figures(ref["torch_tuned"], metric), "artifact": figures(rep["measured"], metric),
             "gates": rep["gates"], "size_mb": rep["measured"].get("size_mb")}
 
 
-def before(recipe: str, model: str, out: Path) -> dict:
-    folder = out / f"{recipe}-no-replay"
-    cmd = ["finetune", "--model", model, "--recipe", recipe, "--set", "data.replay.fraction=0", "--out", str(folder)]
+def before(recipe: str, model: str, out: Path, sets: tuple[str, ...] = ("data.replay.fraction=0",),
+           label: str = "no-replay") -> dict:
+    folder = out / f"{recipe}-{label}"
+    cmd = ["finetune", "--model", model, "--recipe", recipe, *[a for s in sets for a in ("--set", s)],
+           "--out", str(folder)]
     rc, seconds = (0, 0.0) if (folder / "metrics.json").is_file() else toolchain(*cmd)
     if not (folder / "metrics.json").is_file():
         return {"command": "toolchain " + " ".join(cmd), "exit": rc, "error": "no metrics.json"}
@@ -62,6 +80,12 @@ def before(recipe: str, model: str, out: Path) -> dict:
 
 def _f(v, spec=".3f") -> str:
     return format(v, spec) if isinstance(v, (int, float)) else "—"
+
+
+def _settings(s: dict) -> str:
+    """' (replay 0.5, int8 qkv_proj+o_proj, ...)' for a row's label; '' when not recorded."""
+    text = ", ".join(f"{k} {'+'.join(v) if isinstance(v, list) else v}" for k, v in s.items() if v not in ([], None))
+    return f" ({text})" if text else ""
 
 
 def markdown(res: dict) -> str:
@@ -76,8 +100,10 @@ def markdown(res: dict) -> str:
              "| recipe | metric | run | task metric | retention | retention / base | drift top-1, KL | gates |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in res["recipes"].items():
-        for label in ("before", "after"):
-            x = r.get(label)
+        rows = [(f"earlier, {e.get('commit')}{_settings(e.get('settings', {}))})", e) for e in r.get("earlier", [])]
+        rows += [("before", r.get("before")), (f"after{_settings((r.get('after') or {}).get('settings', {}))}",
+                                                r.get("after"))]
+        for label, x in rows + sorted(r.get("variants", {}).items()):
             if not x or "error" in x:
                 lines.append(f"| {name} | | {label} | {x and x.get('error') or 'not run'} | | | | |")
                 continue
@@ -90,6 +116,10 @@ def markdown(res: dict) -> str:
                               for g in x.get("gates", []) if g["gate"] in ("min_retention", "min_metric_fraction"))
             lines.append(f"| {name} | {x['metric']} | {label} | {task} | {ret} | {frac} | "
                          f"{_f(t.get('drift_top1_agreement'))}, {_f(t.get('drift_mean_kl'))} | {gates or '—'} |")
+    variants = [f"- {name} {label}: `{v['command']}` ({v.get('commit')})" for name, r in res["recipes"].items()
+                for label, v in sorted(r.get("variants", {}).items())]
+    if variants:
+        lines += ["", "Variants (torch only, the shipped recipe with the keys set):", *variants]
     return "\n".join(lines + [""])
 
 
@@ -99,6 +129,9 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--before", choices=("torch", "none"), default="torch")
+    ap.add_argument("--after", choices=("edge", "none"), default="edge")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL=KEY=V[;KEY=V]",
+                    help="a torch-only fine-tune of the shipped recipe with these keys set (repeatable)")
     ap.add_argument("--results", type=Path, default=REPO / "bench" / "results")
     a = ap.parse_args()
     date = datetime.date.today().isoformat()
@@ -108,10 +141,18 @@ def main() -> None:
     run = {"date": date, **fields()}
     res.update(run)
     for name in a.recipes.split(","):
-        r = res["recipes"][name] = {"commit": run["commit"], "command": run["command"],
-                                    "after": after(name, a.out.resolve())}
+        r = res["recipes"].setdefault(name, {})
+        if a.after == "edge":
+            was, prev, prev_commit = settings(name, a.out.resolve()), r.get("after"), r.get("commit")
+            r.update(commit=run["commit"], command=run["command"], after=after(name, a.out.resolve()))
+            if prev and was != r["after"].get("settings"):  # an earlier shipped setting stays on record
+                r.setdefault("earlier", []).append({"settings": was, **prev, "commit": prev_commit})
         if a.before == "torch":
             r["before"] = before(name, a.model, a.out.resolve())
+        for v in a.variant:
+            label, _, sets = v.partition("=")
+            r.setdefault("variants", {})[label] = {**before(name, a.model, a.out.resolve(), tuple(sets.split(";")),
+                                                           label), "commit": run["commit"]}
     stem.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
     stem.with_suffix(".md").write_text(markdown(res))
     print(stem.with_suffix(".md").read_text())

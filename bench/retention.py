@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from provenance import REPO, fields
 
 KEYS = ("retention", "retention_items", "drift_top1_agreement", "drift_mean_kl", "perplexity")
@@ -40,14 +42,16 @@ def figures(scores: dict, metric: str) -> dict:
     return {"metric": scores.get(metric), **{k: scores[k] for k in KEYS if k in scores}}
 
 
-def settings(recipe: str, out: Path) -> dict:
-    """What the built artifact under OUT trained and quantized with (its manifest's recipe): replay and int8 keys."""
-    man = next(out.glob(f"*-{recipe}/cpu-int4/manifest.json"), None)
-    if man is None:
-        return {}
-    rec = json.loads(man.read_text())["recipe"]
+def settings(rec: dict) -> dict:
+    """The keys a row is labelled with, from a resolved recipe: replay, int8 projections, rank, lr, steps."""
     return {"replay": rec["data"]["replay"]["fraction"], "int8": rec["quantize"].get("int8") or [],
             "lora_r": rec["method"]["r"], "lr": rec["train"]["lr"], "max_steps": rec["train"]["max_steps"]}
+
+
+def built_described(recipe: str, out: Path) -> dict:
+    """What the artifact under OUT was built with (its manifest's recipe); {} when there is none."""
+    man = next(out.glob(f"*-{recipe}/cpu-int4/manifest.json"), None)
+    return settings(json.loads(man.read_text())["recipe"]) if man else {}
 
 
 def after(recipe: str, out: Path) -> dict:
@@ -59,7 +63,7 @@ def after(recipe: str, out: Path) -> dict:
     rep = json.loads(rep_file.read_text())
     metric, ref = rep["metric"], rep["reference"]
     return {"command": "toolchain " + " ".join(cmd), "exit": rc, "seconds": seconds, "status": rep["status"],
-            "settings": settings(recipe, out),
+            "settings": built_described(recipe, out),
             "metric": metric, "base_torch": figures(ref["torch_base"], metric),
             "tuned_torch": figures(ref["torch_tuned"], metric), "artifact": figures(rep["measured"], metric),
             "gates": rep["gates"], "size_mb": rep["measured"].get("size_mb")}
@@ -75,6 +79,7 @@ def before(recipe: str, model: str, out: Path, sets: tuple[str, ...] = ("data.re
         return {"command": "toolchain " + " ".join(cmd), "exit": rc, "error": "no metrics.json"}
     m = json.loads((folder / "metrics.json").read_text())
     return {"command": "toolchain " + " ".join(cmd), "exit": rc, "seconds": seconds, "metric": m["metric"],
+            "settings": settings(yaml.safe_load((folder / "recipe.yaml").read_text())),
             "base_torch": figures(m["base"], m["metric"]), "tuned_torch": figures(m["tuned"], m["metric"])}
 
 
@@ -82,7 +87,7 @@ def _f(v, spec=".3f") -> str:
     return format(v, spec) if isinstance(v, (int, float)) else "—"
 
 
-def _settings(s: dict) -> str:
+def _described(s: dict) -> str:
     """' (replay 0.5, int8 qkv_proj+o_proj, ...)' for a row's label; '' when not recorded."""
     text = ", ".join(f"{k} {'+'.join(v) if isinstance(v, list) else v}" for k, v in s.items() if v not in ([], None))
     return f" ({text})" if text else ""
@@ -96,14 +101,14 @@ def markdown(res: dict) -> str:
                                  for r in res["recipes"].values()})) + ".", "",
              "Task metric and retention (48 general questions under a generic system prompt, fraction right) for base "
              "torch / tuned torch / cpu-int4; drift: the tuned model's top-1 agreement with the base and mean KL on "
-             "general text. Before = no replay (`--set data.replay.fraction=0`, torch only), after = as shipped.", "",
+             "general text. Before = no replay (`--set data.replay.fraction=0`, torch only), after = `toolchain edge` "
+             "at the settings the row names (each run's resolved recipe).", "",
              "| recipe | metric | run | task metric | retention | retention / base | drift top-1, KL | gates |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in res["recipes"].items():
-        rows = [(f"earlier, {e.get('commit')}{_settings(e.get('settings', {}))})", e) for e in r.get("earlier", [])]
-        rows += [("before", r.get("before")), (f"after{_settings((r.get('after') or {}).get('settings', {}))}",
-                                                r.get("after"))]
-        for label, x in rows + sorted(r.get("variants", {}).items()):
+        rows = [(f"earlier, {e.get('commit')}", e) for e in r.get("earlier", [])]
+        rows += [("before", r.get("before")), ("after", r.get("after"))] + sorted(r.get("variants", {}).items())
+        for label, x in [(lb + _described((x or {}).get("settings", {})), x) for lb, x in rows]:
             if not x or "error" in x:
                 lines.append(f"| {name} | | {label} | {x and x.get('error') or 'not run'} | | | | |")
                 continue
@@ -143,7 +148,7 @@ def main() -> None:
     for name in a.recipes.split(","):
         r = res["recipes"].setdefault(name, {})
         if a.after == "edge":
-            was, prev, prev_commit = settings(name, a.out.resolve()), r.get("after"), r.get("commit")
+            was, prev, prev_commit = built_described(name, a.out.resolve()), r.get("after"), r.get("commit")
             r.update(commit=run["commit"], command=run["command"], after=after(name, a.out.resolve()))
             if prev and was != r["after"].get("settings"):  # an earlier shipped setting stays on record
                 r.setdefault("earlier", []).append({"settings": was, **prev, "commit": prev_commit})

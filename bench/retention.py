@@ -12,6 +12,8 @@ before: `toolchain finetune --recipe R --set data.replay.fraction=0 --out OUT/R-
 
 variant LABEL=KEY=V[;KEY=V]: `toolchain finetune --recipe R --set KEY=V ... --out OUT/R-LABEL`, torch only: the
         shipped recipe (replay included) with those keys changed, to choose rank, targets and learning rate
+edge-variant LABEL=KEY=V[;KEY=V]: `toolchain edge --recipe R --set KEY=V ... --out OUT/R-LABEL`: the same through
+        the artifact and its gates, for settings that only int4 tells apart (quantization, a learning rate)
 
 Writes bench/results/retention-recipes-<date>.json and .md with the commit, host and command.
 """
@@ -54,8 +56,8 @@ def built_described(recipe: str, out: Path) -> dict:
     return settings(json.loads(man.read_text())["recipe"]) if man else {}
 
 
-def after(recipe: str, out: Path) -> dict:
-    cmd = ["edge", "--recipe", recipe, "--out", str(out)]
+def after(recipe: str, out: Path, sets: tuple[str, ...] = ()) -> dict:
+    cmd = ["edge", "--recipe", recipe, *[a for s in sets for a in ("--set", s)], "--out", str(out)]
     rc, seconds = toolchain(*cmd)
     rep_file = next((out).glob(f"*-{recipe}/cpu-int4/report.json"), None)
     if rep_file is None:
@@ -124,7 +126,8 @@ def markdown(res: dict) -> str:
     variants = [f"- {name} {label}: `{v['command']}` ({v.get('commit')})" for name, r in res["recipes"].items()
                 for label, v in sorted(r.get("variants", {}).items())]
     if variants:
-        lines += ["", "Variants (torch only, the shipped recipe with the keys set):", *variants]
+        lines += ["", "Variants (the shipped recipe with the keys set; `finetune`: torch only, `edge`: with the "
+                      "artifact and its gates):", *variants]
     return "\n".join(lines + [""])
 
 
@@ -137,6 +140,8 @@ def main() -> None:
     ap.add_argument("--after", choices=("edge", "none"), default="edge")
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL=KEY=V[;KEY=V]",
                     help="a torch-only fine-tune of the shipped recipe with these keys set (repeatable)")
+    ap.add_argument("--edge-variant", action="append", default=[], metavar="LABEL=KEY=V[;KEY=V]",
+                    help="the same through `toolchain edge`: the artifact and its gates (repeatable)")
     ap.add_argument("--results", type=Path, default=REPO / "bench" / "results")
     a = ap.parse_args()
     date = datetime.date.today().isoformat()
@@ -150,7 +155,7 @@ def main() -> None:
         if a.after == "edge":
             was, prev, prev_commit = built_described(name, a.out.resolve()), r.get("after"), r.get("commit")
             r.update(commit=run["commit"], command=run["command"], after=after(name, a.out.resolve()))
-            if prev and was != r["after"].get("settings"):  # an earlier shipped setting stays on record
+            if prev and prev.get("settings", was) != r["after"].get("settings"):  # an earlier setting stays on record
                 r.setdefault("earlier", []).append({"settings": was, **prev, "commit": prev_commit})
         if a.before == "torch":
             r["before"] = before(name, a.model, a.out.resolve())
@@ -158,6 +163,10 @@ def main() -> None:
             label, _, sets = v.partition("=")
             r.setdefault("variants", {})[label] = {**before(name, a.model, a.out.resolve(), tuple(sets.split(";")),
                                                            label), "commit": run["commit"]}
+        for v in a.edge_variant:
+            label, _, sets = v.partition("=")
+            r.setdefault("variants", {})[label] = {**after(name, a.out.resolve() / f"{name}-{label}",
+                                                          tuple(sets.split(";"))), "commit": run["commit"]}
     stem.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
     stem.with_suffix(".md").write_text(markdown(res))
     print(stem.with_suffix(".md").read_text())

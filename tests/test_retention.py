@@ -87,6 +87,18 @@ def test_recipe_keys_are_checked(tmp_path):
         open_recipe("chat-lora", sets=["gates.min_retention=0"])
 
 
+def test_every_decoder_recipe_replays_and_gates_retention():
+    """Keeping what the model knew is the default for every decoder recipe, not only chat-lora: replay on and
+    min_retention at 0.9 (measured per recipe: bench/results/retention-recipes-2026-12-02.md)."""
+    from toolchain.config.catalog import all_recipes, get_card
+
+    decoders = {n: r for n, r in all_recipes().items() if get_card(r.model).kind == "decoder"}
+    assert {"chat-lora", "chat-dora", "chat-qlora"} <= set(decoders)
+    for name, rec in decoders.items():
+        assert rec.data.replay.fraction > 0, name
+        assert rec.gates.min_retention == 0.9, name
+
+
 def test_replay_rows_are_mixed_in_as_the_fraction_of_training():
     from toolchain.hf.data import mix
 

@@ -44,6 +44,10 @@ def figures(scores: dict, metric: str) -> dict:
     return {"metric": scores.get(metric), **{k: scores[k] for k in KEYS if k in scores}}
 
 
+def set_args(sets: tuple[str, ...]) -> list[str]:
+    return [a for s in sets for a in ("--set", s)]
+
+
 def settings(rec: dict) -> dict:
     """The keys a row is labelled with, from a resolved recipe: replay, int8 projections, rank, lr, steps."""
     return {"replay": rec["data"]["replay"]["fraction"], "int8": rec["quantize"].get("int8") or [],
@@ -57,7 +61,7 @@ def built_described(recipe: str, out: Path) -> dict:
 
 
 def after(recipe: str, out: Path, sets: tuple[str, ...] = ()) -> dict:
-    cmd = ["edge", "--recipe", recipe, *[a for s in sets for a in ("--set", s)], "--out", str(out)]
+    cmd = ["edge", "--recipe", recipe, *set_args(sets), "--out", str(out)]
     rc, seconds = toolchain(*cmd)
     rep_file = next((out).glob(f"*-{recipe}/cpu-int4/report.json"), None)
     if rep_file is None:
@@ -74,8 +78,7 @@ def after(recipe: str, out: Path, sets: tuple[str, ...] = ()) -> dict:
 def before(recipe: str, model: str, out: Path, sets: tuple[str, ...] = ("data.replay.fraction=0",),
            label: str = "no-replay") -> dict:
     folder = out / f"{recipe}-{label}"
-    cmd = ["finetune", "--model", model, "--recipe", recipe, *[a for s in sets for a in ("--set", s)],
-           "--out", str(folder)]
+    cmd = ["finetune", "--model", model, "--recipe", recipe, *set_args(sets), "--out", str(folder)]
     rc, seconds = (0, 0.0) if (folder / "metrics.json").is_file() else toolchain(*cmd)
     if not (folder / "metrics.json").is_file():
         return {"command": "toolchain " + " ".join(cmd), "exit": rc, "error": "no metrics.json"}
@@ -131,6 +134,11 @@ def markdown(res: dict) -> str:
     return "\n".join(lines + [""])
 
 
+def variants(specs: list[str]) -> list[tuple[str, tuple[str, ...]]]:
+    """'LABEL=KEY=V;KEY=V' -> (LABEL, ('KEY=V', 'KEY=V'))."""
+    return [(label, tuple(sets.split(";"))) for label, _, sets in (v.partition("=") for v in specs)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipes", default="chat-lora,classify,qa")
@@ -153,20 +161,18 @@ def main() -> None:
     for name in a.recipes.split(","):
         r = res["recipes"].setdefault(name, {})
         if a.after == "edge":
-            was, prev, prev_commit = built_described(name, a.out.resolve()), r.get("after"), r.get("commit")
+            prev, prev_commit = r.get("after"), r.get("commit")
             r.update(commit=run["commit"], command=run["command"], after=after(name, a.out.resolve()))
-            if prev and prev.get("settings", was) != r["after"].get("settings"):  # an earlier setting stays on record
-                r.setdefault("earlier", []).append({"settings": was, **prev, "commit": prev_commit})
+            if prev and prev.get("settings") != r["after"].get("settings"):  # an earlier setting stays on record
+                r.setdefault("earlier", []).append({**prev, "commit": prev_commit})
         if a.before == "torch":
             r["before"] = before(name, a.model, a.out.resolve())
-        for v in a.variant:
-            label, _, sets = v.partition("=")
-            r.setdefault("variants", {})[label] = {**before(name, a.model, a.out.resolve(), tuple(sets.split(";")),
-                                                           label), "commit": run["commit"]}
-        for v in a.edge_variant:
-            label, _, sets = v.partition("=")
-            r.setdefault("variants", {})[label] = {**after(name, a.out.resolve() / f"{name}-{label}",
-                                                          tuple(sets.split(";"))), "commit": run["commit"]}
+        for label, sets in variants(a.variant):
+            r.setdefault("variants", {})[label] = {**before(name, a.model, a.out.resolve(), sets, label),
+                                                   "commit": run["commit"]}
+        for label, sets in variants(a.edge_variant):
+            r.setdefault("variants", {})[label] = {**after(name, a.out.resolve() / f"{name}-{label}", sets),
+                                                   "commit": run["commit"]}
     stem.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
     stem.with_suffix(".md").write_text(markdown(res))
     print(stem.with_suffix(".md").read_text())

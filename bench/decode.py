@@ -9,8 +9,9 @@ What it does:
   1. The merged fp32 HF model: `--merged DIR`, or the chat-lora pipeline's merged stage (`toolchain edge` stages,
      reused when cached).
   2. Our artifacts, built from it with the toolchain's own stages: the fp32 export (onnxruntime-genai builder), then
-     cpu-fp32, cpu-int8 and cpu-int4 (the recipe's `quantize:` settings), the mixed int4/int8 variant (MIXED),
-     cpu-int4 with its lm_head pruned to the last position (speed only), plus the builder's own int4 defaults.
+     cpu-fp32, cpu-int8 and cpu-int4 (the recipe's `quantize:` settings), the mixed int4/int8 variant (MIXED, unless
+     the recipe ships it), cpu-int4 with its lm_head pruned to the last position (speed only), plus the builder's own
+     int4 defaults.
   3. llama.cpp: the merged model converted to an f32 GGUF by llama.cpp's own converter (convert_hf_to_gguf.py from
      the llama-cpp-python source distribution), then Q4_0 and Q4_K_M by llama.cpp's quantizer
      (llama_cpp.llama_model_quantize): toolchain/stages/quantize/gguf.py, what the gguf-* targets are built by.
@@ -93,11 +94,13 @@ def ours(merged: Path, recipe: str) -> dict[str, dict]:
     mixed = QuantizeSpec(**{**spec.model_dump(), **MIXED})
     pruned = QuantizeSpec(**{**spec.model_dump(), "prune_lm_head": True})
     out = {}
-    for name, folder, target, sp in (("ours cpu-fp32", "cpu-fp32", "cpu-fp32", None),
-                                     ("ours cpu-int8", "cpu-int8", "cpu-int8", spec_for("cpu-int8", None)),
-                                     ("ours cpu-int4", "cpu-int4", "cpu-int4", spec),
-                                     (MIXED_NAME, "cpu-int4-mixed", "cpu-int4", mixed),
-                                     (PRUNED_NAME, "cpu-int4-pruned", "cpu-int4", pruned)):
+    variants = [("ours cpu-fp32", "cpu-fp32", "cpu-fp32", None),
+                ("ours cpu-int8", "cpu-int8", "cpu-int8", spec_for("cpu-int8", None)),
+                ("ours cpu-int4", "cpu-int4", "cpu-int4", spec),
+                (MIXED_NAME, "cpu-int4-mixed", "cpu-int4", mixed),
+                (PRUNED_NAME, "cpu-int4-pruned", "cpu-int4", pruned)]
+    for name, folder, target, sp in [v for v in variants if not (v[3] is mixed and mixed == spec)]:
+        # a recipe that ships MIXED already (chat-lora) gets it as "ours cpu-int4", not built and timed twice
         d = root / folder
         key = json.dumps(sp.model_dump(), sort_keys=True) if sp else ""
         stamp_file = d / ".bench-spec"

@@ -51,6 +51,15 @@ def drift(tuned, tok, items: list[dict], base=None) -> dict:
         q = tuned(input_ids=ids).logits[0, :-1].float()
         with (nullcontext() if base is not None else tuned.disable_adapter()):
             ref = (base if base is not None else tuned)(input_ids=ids).logits[0, :-1].float()
-        stats.update(ref.numpy(), q.numpy(), ids[0, 1:].numpy())
+        _add(stats, ref, q, ids[0, 1:])
     r = stats.result()
     return {"drift_top1_agreement": r["top1_agreement"], "drift_mean_kl": r["mean_kl"], "drift_positions": r["positions"]}
+
+
+def _add(stats: LogitStats, ref: torch.Tensor, q: torch.Tensor, labels: torch.Tensor) -> None:
+    """LogitStats.update's sums in float64 torch (multi-threaded; numpy took 34 s of SmolLM2's drift on 2 cores)."""
+    lr, lq = torch.log_softmax(ref.double(), -1), torch.log_softmax(q.double(), -1)
+    rows = torch.arange(len(labels))
+    r, k = lr[rows, labels], lq[rows, labels]
+    stats.add(-float(r.sum()), -float(k.sum()), float(((r - k) ** 2).sum()), float((lr.exp() * (lr - lq)).sum()),
+              int((ref.argmax(-1) == q.argmax(-1)).sum()), len(labels))

@@ -193,3 +193,37 @@ def nll(model, input_ids: list[int], labels: list[int]) -> tuple[float, int]:
     keep = lab != -100
     logp = log_softmax(logits[:-1][keep])
     return float(-logp[np.arange(len(logp)), lab[keep]].sum()), int(keep.sum())
+
+
+def nll_then_generate(model, input_ids: list[int], labels: list[int], prompt_len: int, max_new_tokens: int,
+                      eos: tuple[int, ...]) -> Optional[tuple[float, int, Generation]]:
+    """nll() of the whole row, then greedy generation after its first `prompt_len` tokens, from one prefill: the
+    answer's first token is read off the same pass's logits, the cache rewound to the prompt. Row and prompt are
+    scored as nll() and generate() score them (the prompt's cache is the same computation, causal), at one prefill
+    per row instead of two: on a 2-core AVX2 EPYC prefill runs at about 260 tok/s, so a chat row's second prefill
+    was 0.4 s. Generation timings start after the first token; ttft_s is left 0. None for a PRUNED model (it has no
+    logits to score the row by in one pass)."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(base_model(model))
+    params.set_search_options(do_sample=False, max_length=max(len(input_ids), prompt_len + max_new_tokens) + 1)
+    gen = new_generator(model, params)
+    gen.append_tokens(np.asarray(input_ids, dtype=np.int32))
+    logits = np.asarray(gen.get_output("logits"), dtype=np.float32)[0]
+    if len(logits) != len(input_ids):
+        return None
+    lab = np.asarray(labels[1:])
+    keep = lab != -100
+    logp = log_softmax(logits[:-1][keep])
+    nll_sum, count = float(-logp[np.arange(len(logp)), lab[keep]].sum()), int(keep.sum())
+    out = [int(np.argmax(logits[prompt_len - 1]))]
+    t0 = time.perf_counter()
+    if max_new_tokens > 1 and out[0] not in eos:
+        gen.rewind_to(prompt_len)
+        gen.append_tokens(np.asarray(out, dtype=np.int32))
+        while len(out) < max_new_tokens:
+            gen.generate_next_token()
+            out.append(int(gen.get_next_tokens()[0]))
+            if out[-1] in eos:
+                break
+    return nll_sum, count, Generation(out, prompt_len, 0.0, time.perf_counter() - t0, len(out) - 1)

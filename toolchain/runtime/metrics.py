@@ -236,12 +236,18 @@ class LogitStats:
         lr, lq = log_softmax(ref.astype(np.float64)), log_softmax(q.astype(np.float64))
         rows = np.arange(len(labels))
         r, k = lr[rows, labels], lq[rows, labels]  # log-likelihood of each label, reference and quantized
-        self.nll_ref -= float(r.sum())
-        self.nll_q -= float(k.sum())
-        self.d2 += float(((r - k) ** 2).sum())  # per-position nll(quantized) - nll(reference), squared
-        self.kl += float((np.exp(lr) * (lr - lq)).sum())
-        self.agree += int((ref.argmax(-1) == q.argmax(-1)).sum())
-        self.n += len(labels)
+        self.add(-float(r.sum()), -float(k.sum()), float(((r - k) ** 2).sum()), float((np.exp(lr) * (lr - lq)).sum()),
+                 int((ref.argmax(-1) == q.argmax(-1)).sum()), len(labels))
+
+    def add(self, nll_ref: float, nll_q: float, d2: float, kl: float, agree: int, n: int) -> None:
+        """Sums over n positions computed elsewhere (hf/retention.drift does them in torch): label NLL of each model,
+        squared per-position NLL difference, KL(reference || quantized), top-1 agreements."""
+        self.nll_ref += nll_ref
+        self.nll_q += nll_q
+        self.d2 += d2
+        self.kl += kl
+        self.agree += agree
+        self.n += n
 
     def result(self) -> dict:
         if not self.n:

@@ -67,18 +67,27 @@ def accuracy(model, tok, rows: list[dict], metric: str, max_new_tokens: int, pro
     scored by the metric and compared with the fp32 model's tokens where the row has them; answers_decode_tok_s is
     the decode speed over those answers, each ending where the model ends it. Returns the figures and the
     generated token lists."""
-    nll, n = 0.0, 0
+    gen_rows = [r for r in rows if "prompt_ids" in r] if metric in metrics.GENERATIVE else []
+    eos = genai.eos_ids(tok)
+    one_pass = not lookup  # each generated row scored and answered from one prefill (genai.nll_then_generate)
+    nll, n, done, todo = 0.0, 0, {}, {id(r) for r in gen_rows}
     for r in rows:
-        a, b = genai.nll(model, r["input_ids"], r["labels"])
-        nll, n = nll + a, n + b
+        k = len(r.get("prompt_ids", ()))
+        res = None
+        if one_pass and id(r) in todo and r["input_ids"][:k] == r["prompt_ids"]:
+            res = genai.nll_then_generate(model, r["input_ids"], r["labels"], k, max_new_tokens, eos)
+            one_pass = res is not None  # None: a pruned lm_head, no row logits; score and answer apart
+        if res is None:
+            res = genai.nll(model, r["input_ids"], r["labels"])
+        else:
+            done[id(r)] = res[2]
+        nll, n = nll + res[0], n + res[1]
     out = {"perplexity": metrics.perplexity(nll, n), "eval_tokens": n}
-    gen_rows = [r for r in rows if "prompt_ids" in r]
     generated = []
-    if gen_rows and metric in metrics.GENERATIVE:
+    if gen_rows:
         agree, decoded, decode_s = [], 0, 0.0
-        eos = genai.eos_ids(tok)
         for i, r in enumerate(gen_rows):
-            g = genai.generate(model, r["prompt_ids"], max_new_tokens, lookup=lookup, eos=eos)
+            g = done.get(id(r)) or genai.generate(model, r["prompt_ids"], max_new_tokens, lookup=lookup, eos=eos)
             generated.append(g.tokens)
             decoded, decode_s = decoded + len(g.tokens) - 1, decode_s + g.decode_s
             if "fp32_tokens" in r:

@@ -144,9 +144,10 @@ def finetune(src: Resolved, rec: Recipe, rec_file: Path, out: Path, *, evaluate:
     if world == 1:
         results["train"]["cpu_seconds"] = round(cpu_s, 1)
     if evaluate:
-        results["tuned"] = score(trained, tok, rec, ds, desc="tuned model eval")
-        results["tuned"].update(retention_mod.retention(trained, tok, general, rec.metric.batch_size,
-                                                        desc="tuned model retention"))
+        with methods.folded(trained, method):
+            results["tuned"] = score(trained, tok, rec, ds, desc="tuned model eval")
+            results["tuned"].update(retention_mod.retention(trained, tok, general, rec.metric.batch_size,
+                                                            desc="tuned model retention"))
         base = load_causal_lm(src.path, trust_remote_code) if method.type == "full" else None
         results["tuned"].update(retention_mod.drift(trained, tok, general, base))
     with atomic_dir(out) as tmp:

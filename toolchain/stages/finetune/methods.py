@@ -5,6 +5,7 @@ weights stay frozen in which dtype.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -63,6 +64,23 @@ def trainable(net, method: MethodSpec, default_targets, bf16_base: bool, checkpo
     if bf16_base and method.type != "qlora":
         net.to(torch.bfloat16)
     return get_peft_model(net, lora_config(method, default_targets))
+
+
+@contextmanager
+def folded(net, method: MethodSpec):
+    """The adapter added into the base weights while the block runs (PEFT merge_adapter, undone on exit), for
+    scoring: a generation step then runs one matmul per projection instead of three. Measured on a 2-core AVX2 EPYC
+    (SmolLM2, LoRA r16): held-out exact-match generations 68 -> 39 s. The scores are those of the merged model the
+    export ships. QLoRA keeps its adapter apart (merging into NF4 weights would round them), as does a full
+    fine-tune, which has none."""
+    if method.type in ("qlora", "full") or not hasattr(net, "merge_adapter"):
+        yield net
+        return
+    net.merge_adapter()
+    try:
+        yield net
+    finally:
+        net.unmerge_adapter()
 
 
 def _eager_attention(net) -> None:

@@ -1,0 +1,93 @@
+"""The fast scoring paths of the fine-tune stage give the figures of the plain ones: held-out NLL on the answer
+positions only, the adapter folded for generation, drift's sums in torch. A tiny random Phi-3, no data files."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from toolchain.config.schema import MethodSpec
+from toolchain.hf.evaluate import heldout_nll
+from toolchain.hf.models import load_causal_lm
+from toolchain.hf.retention import _add as drift_sums
+from toolchain.runtime.metrics import LogitStats
+from toolchain.stages.finetune import methods
+
+
+def _full_logits_nll(model, examples):
+    """The reference: full logits at every position, log_softmax, the labels' log-probabilities."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for e in examples:
+            ids = torch.tensor([e["input_ids"]])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+            lab = torch.tensor(e["labels"][1:])
+            keep = lab != -100
+            total -= float(logp[keep].gather(-1, lab[keep].unsqueeze(-1)).sum())
+            count += int(keep.sum())
+    return total, count
+
+
+@pytest.fixture(scope="module")
+def lora_net(tiny_phi3):
+    torch.manual_seed(0)
+    net = methods.trainable(load_causal_lm(tiny_phi3), MethodSpec(type="lora", r=4, alpha=8), None, False, False)
+    with torch.no_grad():  # a trained-looking adapter: B is zero at init, which would make folding a no-op
+        for n, p in net.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return net.eval()
+
+
+def _examples(vocab: int, n: int = 5):
+    rng = np.random.default_rng(1)
+    out = []
+    for i in range(n):
+        ids = rng.integers(3, vocab, size=12 + 3 * i).tolist()
+        out.append({"input_ids": ids, "labels": [-100] * (len(ids) - 4) + ids[-4:]})  # loss on the last 4 only
+    return out
+
+
+def test_answer_positions_nll_equals_full_logits(lora_net):
+    ex = _examples(lora_net.config.vocab_size)
+    fast = heldout_nll(lora_net, ex, pad_id=0, batch_size=2)  # padded batches, lm_head on label positions only
+    ref = _full_logits_nll(lora_net, ex)
+    assert fast[1] == ref[1] == 4 * len(ex)
+    assert fast[0] == pytest.approx(ref[0], rel=1e-5)
+
+
+def test_folding_the_adapter_keeps_logits_and_is_undone(lora_net):
+    ids = torch.tensor([_examples(lora_net.config.vocab_size)[2]["input_ids"]])
+    before = {n: p.detach().clone() for n, p in lora_net.named_parameters() if "lora_" not in n}
+    with torch.no_grad():
+        plain = lora_net(input_ids=ids).logits
+        with lora_net.disable_adapter():
+            base = lora_net(input_ids=ids).logits
+        with methods.folded(lora_net, MethodSpec(type="lora")):
+            merged = lora_net(input_ids=ids).logits
+        after = lora_net(input_ids=ids).logits
+    assert (plain - base).abs().max() > 1e-3  # the adapter changes the output, so the check below can fail
+    assert torch.allclose(merged, plain, atol=1e-4)
+    assert torch.allclose(after, plain, atol=1e-5)  # unmerged again: the adapter still applies, and only once
+    for n, p in lora_net.named_parameters():
+        if n in before:
+            assert torch.allclose(p, before[n], atol=1e-6), n
+
+
+def test_qlora_and_full_are_not_folded(lora_net):
+    for kind in ("qlora", "full"):
+        with methods.folded(lora_net, MethodSpec(type=kind)):
+            assert not any(getattr(m, "merged", False) for m in lora_net.modules())
+
+
+def test_drift_sums_in_torch_equal_logitstats_update():
+    rng = np.random.default_rng(0)
+    ref, q = rng.normal(size=(9, 50)).astype(np.float32), rng.normal(size=(9, 50)).astype(np.float32)
+    labels = rng.integers(0, 50, size=9)
+    a, b = LogitStats(), LogitStats()
+    a.update(ref, q, labels)
+    drift_sums(b, torch.from_numpy(ref), torch.from_numpy(q), torch.from_numpy(labels))
+    ra, rb = a.result(), b.result()
+    assert ra["positions"] == rb["positions"] == 9 and ra["top1_agreement"] == rb["top1_agreement"]
+    for k in ("ppl_ref", "ppl", "mean_kl", "delta_ppl_pct"):
+        assert rb[k] == pytest.approx(ra[k], rel=1e-9), k

@@ -91,3 +91,47 @@ def test_drift_sums_in_torch_equal_logitstats_update():
     assert ra["positions"] == rb["positions"] == 9 and ra["top1_agreement"] == rb["top1_agreement"]
     for k in ("ppl_ref", "ppl", "mean_kl", "delta_ppl_pct"):
         assert rb[k] == pytest.approx(ra[k], rel=1e-9), k
+
+
+def test_the_reference_tokens_are_the_tuned_torch_models_greedy_answers(tiny_artifact):
+    """The reference stage takes the fine-tune stage's greedy tokens instead of generating again with the fp32 ONNX
+    model: each shipped generation row carries them, the fp32 ONNX model scores perplexity, and validate measures
+    the artifact's agreement with them."""
+    import json
+    from pathlib import Path
+
+    root, _, rep = tiny_artifact
+    stages = next((root / "artifacts").glob("*/stages"))
+    greedy = json.loads((stages / "finetune" / "greedy_tokens.json").read_text())
+    art = Path(rep["artifact"])
+    rows = [json.loads(x) for x in (art / "eval.jsonl").read_text().splitlines() if x.strip()]
+    shipped = [r["fp32_tokens"] for r in rows if "prompt_ids" in r]
+    assert shipped == greedy and len(greedy) == rep["measured"]["eval_examples"] > 0
+    ref = rep["reference"]["onnx_fp32"]
+    assert ref["perplexity"] > 1 and "reference tokens" in ref["source"] and "exact_match" not in ref
+    assert 0 <= rep["measured"]["token_agreement_fp32"] <= 1
+    assert "greedy token agreement with tuned torch" in (art / "report.md").read_text()
+
+
+def test_length_sorted_micro_batches_give_the_same_gradient(lora_net):
+    """train.sort_micro_batches: the step's examples sorted by length, then cut; the summed-token gradient is the
+    unsorted single batch's (to float rounding), and each micro-batch holds like lengths."""
+    from toolchain.hf.models import collate
+    from toolchain.stages.finetune.batching import causal_lm_loss, micro_batches
+
+    ex = _examples(lora_net.config.vocab_size, n=4)[::-1]  # longest first
+    idx = [0, 1, 2, 3]
+    cuts = micro_batches(idx, 0, 1, 2, length=lambda i: len(ex[i]["input_ids"]))
+    assert cuts == [[3, 2], [1, 0]]  # shortest two together
+    denom = sum(4 for _ in ex)
+    params = [p for p in lora_net.parameters() if p.requires_grad]
+
+    def grads(batches):
+        lora_net.zero_grad()
+        for mb in batches:
+            (causal_lm_loss(lora_net, collate([ex[i] for i in mb], 0), reduction="sum") / denom).backward()
+        return [p.grad.clone() for p in params]
+
+    for a, b in zip(grads([idx]), grads(cuts)):
+        assert torch.allclose(a, b, atol=1e-6)
+    lora_net.zero_grad()

@@ -126,7 +126,7 @@ def test_the_artifact_ships_the_retention_set_and_is_scored_on_it(tiny_artifact)
     assert rep["measured"]["retention_items"] == len(shipped) and 0 <= rep["measured"]["retention"] <= 1
     tuned = man["reference"]["torch_tuned"]
     assert {"retention", "drift_top1_agreement", "drift_mean_kl"} <= set(tuned)
-    assert "retention" in man["reference"]["torch_base"] and "retention" in man["reference"]["onnx_fp32"]
+    assert "retention" in man["reference"]["torch_base"] and "retention" in man["reference"]["torch_tuned"]
     assert "retention_artifact" in rep["headline"] and "retention" in (art / "report.md").read_text()
 
 

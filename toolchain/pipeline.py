@@ -114,7 +114,7 @@ def prepare(src: Resolved, rec: Recipe, rec_file: Path, out: Path = Path("artifa
             force: bool = False, launch: Launch = Launch(), overrides: tuple = ()) -> Run:
     """finetune -> merge -> export (fp32) -> reference, each reused when its inputs are unchanged."""
     from toolchain.stages.export.decoder import export
-    from toolchain.stages.finetune.decoder import finetune
+    from toolchain.stages.finetune.decoder import GREEDY_FILE, finetune
     from toolchain.stages.merge import merge
     from toolchain.hf.models import is_large, weights_bytes
     from toolchain.stages.reference import reference, reference_torch
@@ -148,8 +148,8 @@ def prepare(src: Resolved, rec: Recipe, rec_file: Path, out: Path = Path("artifa
             console.print(f"[yellow]export: {ex.summary['fallback_reason']}[/yellow]")
         exporter = ex.summary.get("exporter", exporter)
         rf = st.run("reference", {"export": ex.key, "recipe": rec.model_dump(include={"data", "metric"}),
-                                  "retention": retention_key()},
-                    lambda o: reference(ex.out, mg.out, rec, rec_file, o))
+                                  "retention": retention_key(), "tokens": "tuned torch greedy"},
+                    lambda o: reference(ex.out, mg.out, rec, rec_file, o, greedy=ft.out / GREEDY_FILE))
     figures = {"torch_base": _scores(ft.summary.get("base")), "torch_tuned": _scores(ft.summary.get("tuned")),
                "onnx_fp32": rf.summary}
     training = {"method": ft.summary.get("method", rec.method.type), **(ft.summary.get("train") or {})}

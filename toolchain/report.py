@@ -77,7 +77,9 @@ def markdown(rep: dict, siblings: dict[str, dict], figure: bool = True) -> str:
         lines.append(f"| {k} | {_fmt(m.get(k))} (torch base {_fmt(ref.get('torch_base', {}).get(k))}, "
                      f"torch tuned {_fmt(ref.get('torch_tuned', {}).get(k))}, fp32 ONNX {_fmt(ref.get('onnx_fp32', {}).get(k))}) |")
     if "token_agreement_fp32" in m:
-        lines.append(f"| greedy token agreement with fp32 ONNX | {_fmt(m['token_agreement_fp32'])} |")
+        src = ref.get("onnx_fp32", {}).get("source", "")
+        whose = "tuned torch" if "reference tokens" in src or src.startswith("torch") else "fp32 ONNX"
+        lines.append(f"| greedy token agreement with {whose} | {_fmt(m['token_agreement_fp32'])} |")
     if "retention" in m:  # the general set under a generic system prompt: what the fine-tune cost outside the task
         tuned = ref.get("torch_tuned", {})
         lines += [f"| retention, {m['retention_items']} general questions | {_fmt(m['retention'])} (torch base "

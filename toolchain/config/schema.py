@@ -104,6 +104,7 @@ class TrainSpec(Strict):
     max_steps: int = Field(100, gt=0)
     batch_size: int = Field(8, gt=0)  # examples per optimizer step, over all micro-batches and ranks
     grad_accum: int = Field(1, gt=0)  # micro-batches per step (per rank); batch_size must divide evenly
+    sort_micro_batches: bool = False  # sort a step's examples by length before cutting them: less padding, same gradient
     lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(5, ge=0)
     weight_decay: float = Field(0.0, ge=0)

@@ -1,6 +1,8 @@
 """Held-out scores of a torch model: loss/perplexity by teacher forcing and the recipe's metric by greedy generation."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from tqdm.auto import tqdm
 
@@ -30,8 +32,11 @@ def heldout_nll(model, examples: list[dict], pad_id: int, batch_size: int = 8) -
 
 
 @torch.no_grad()
-def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int, desc: str = "generate") -> list[str]:
-    """Greedy completions, batched with left padding; decoding stops at the model's end-of-turn tokens."""
+def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int, desc: str = "generate",
+             tokens: Optional[list] = None) -> list[str]:
+    """Greedy completions, batched with left padding; decoding stops at the model's end-of-turn tokens. tokens: a
+    list that gets each completion's token ids, up to and including its end-of-turn token (as onnxruntime-genai
+    returns them)."""
     eos = model.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     if tok.eos_token_id is not None and tok.eos_token_id not in eos:
@@ -42,18 +47,29 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: in
         b = collate(enc, tok.pad_token_id, left=True)
         gen = model.generate(input_ids=b["input_ids"], attention_mask=b["attention_mask"], do_sample=False,
                              max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=tok.pad_token_id)
-        outs += tok.batch_decode(gen[:, b["input_ids"].shape[1]:], skip_special_tokens=True)
+        new = gen[:, b["input_ids"].shape[1]:]
+        outs += tok.batch_decode(new, skip_special_tokens=True)
+        if tokens is not None:
+            tokens += [_until_eos(row.tolist(), eos) for row in new]
     return outs
 
 
-def score(model, tok, recipe, ds: Dataset, desc: str = "eval") -> dict:
-    """{'eval_loss', 'perplexity', <metric>} on the held-out split, plus a few sample predictions."""
+def _until_eos(ids: list[int], eos: list[int]) -> list[int]:
+    for i, t in enumerate(ids):
+        if t in eos:
+            return ids[: i + 1]
+    return ids
+
+
+def score(model, tok, recipe, ds: Dataset, desc: str = "eval", tokens: Optional[list] = None) -> dict:
+    """{'eval_loss', 'perplexity', <metric>} on the held-out split, plus a few sample predictions. tokens: a list
+    that gets the greedy token ids of each generated answer (generate())."""
     nll, n = heldout_nll(model, ds.eval, tok.pad_token_id)
     out = {"eval_loss": nll / n, "perplexity": metrics.perplexity(nll, n), "eval_tokens": n}
     m = recipe.metric
     if m.name in metrics.GENERATIVE:
         pairs = [p for p in (generation_pair(r, tok) for r in ds.eval_rows[: m.eval_limit]) if p]
-        preds = generate(model, tok, [p for p, _ in pairs], m.max_new_tokens, m.batch_size, desc=desc)
+        preds = generate(model, tok, [p for p, _ in pairs], m.max_new_tokens, m.batch_size, desc=desc, tokens=tokens)
         constraints = [metrics.parse_constraints(p) for p, _ in pairs] if m.name == "constraint_rate" else ()
         out.update(metrics.task_scores(m.name, preds, [r for _, r in pairs], constraints))
         out["eval_examples"] = len(pairs)

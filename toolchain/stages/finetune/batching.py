@@ -41,12 +41,15 @@ def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
     return tuple(perm)
 
 
-def micro_batches(indices: list[int], rank: int, world: int, accum: int) -> list[list[int]]:
-    """This rank's share of a step, cut into `accum` micro-batches."""
+def micro_batches(indices: list[int], rank: int, world: int, accum: int, length=None) -> list[list[int]]:
+    """This rank's share of a step, cut into `accum` micro-batches; with `length` (example index -> tokens) sorted
+    by it first, so each micro-batch pads to a like length (train.sort_micro_batches: the same summed gradient)."""
     if len(indices) % (world * accum):
         raise ToolchainError(f"recipe key 'train.batch_size': {len(indices)} examples per step do not split into "
                              f"{world} rank(s) x {accum} micro-batch(es); make batch_size a multiple of {world * accum}")
     mine = indices[rank::world]
+    if length is not None:
+        mine = sorted(mine, key=length)
     k = len(mine) // accum
     return [mine[i * k:(i + 1) * k] for i in range(accum)]
 

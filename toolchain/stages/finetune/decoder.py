@@ -4,6 +4,7 @@ Output folder:
     adapter/          the PEFT adapter (safetensors + adapter_config.json); model/ instead for a full fine-tune
     recipe.yaml       the recipe as resolved (defaults filled in, data paths absolute)
     loss_log.jsonl    one line per step: step, loss, lr
+    greedy_tokens.json  the tuned model's greedy token ids for each generated held-out answer (the reference's)
     metrics.json      held-out scores of the base model and of the tuned model (torch, fp32 weights)
 
 A run writes a checkpoint every `train.checkpoint_every` steps beside its output (<out>.ckpt/); a run started
@@ -38,6 +39,9 @@ from toolchain.hf.models import bf16_fast, collate, compute_dtype, load_causal_l
 from toolchain.config.sources import Resolved
 from toolchain.stages.finetune.batching import causal_lm_loss, lr_at, micro_batches, seed_everything, step_indices, trained_tokens
 from toolchain.stages.finetune.checkpoint import Checkpoint
+
+
+GREEDY_FILE = "greedy_tokens.json"
 
 
 def _bf16_base(mode: str, method: str) -> bool:
@@ -95,6 +99,7 @@ def finetune(src: Resolved, rec: Recipe, rec_file: Path, out: Path, *, evaluate:
         {torch.bfloat16: "bf16 base", torch.float16: "fp16 base"}.get(base_dtype, "fp32")
 
     net.train()
+    length = (lambda i: len(ds.train[i]["input_ids"])) if spec.sort_micro_batches else None
     t0, cpu0, tokens = time.time(), time.process_time(), 0
     bar = tqdm(range(start, spec.max_steps), desc=f"finetune {src.card.name} {method.type} ({precision})",
                initial=start, total=spec.max_steps, disable=not lead)
@@ -105,7 +110,7 @@ def finetune(src: Resolved, rec: Recipe, rec_file: Path, out: Path, *, evaluate:
         for g in opt.param_groups:
             g["lr"] = lr
         loss_sum = 0.0
-        for mb in micro_batches(idx, rank, world, spec.grad_accum):
+        for mb in micro_batches(idx, rank, world, spec.grad_accum, length):
             batch = collate([ds.train[i] for i in mb], tok.pad_token_id)
             # summed token loss over the step's trained tokens: the same gradient however the batch is cut
             loss = causal_lm_loss(net, batch, reduction="sum") / denom
@@ -144,8 +149,9 @@ def finetune(src: Resolved, rec: Recipe, rec_file: Path, out: Path, *, evaluate:
     if world == 1:
         results["train"]["cpu_seconds"] = round(cpu_s, 1)
     if evaluate:
+        greedy = []
         with methods.folded(trained, method):
-            results["tuned"] = score(trained, tok, rec, ds, desc="tuned model eval")
+            results["tuned"] = score(trained, tok, rec, ds, desc="tuned model eval", tokens=greedy)
             results["tuned"].update(retention_mod.retention(trained, tok, general, rec.metric.batch_size,
                                                             desc="tuned model retention"))
         base = load_causal_lm(src.path, trust_remote_code) if method.type == "full" else None
@@ -161,6 +167,8 @@ def finetune(src: Resolved, rec: Recipe, rec_file: Path, out: Path, *, evaluate:
                 resolved["data"][key] = str((rec_file.parent / resolved["data"][key]).resolve())
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
         (tmp / "loss_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+        if evaluate and greedy:  # the reference stage's greedy tokens (stages/reference.py)
+            (tmp / GREEDY_FILE).write_text(json.dumps(greedy))
         results["base_model_path"] = str(src.path)
         (tmp / "metrics.json").write_text(json.dumps(results, indent=2))
     shutil.rmtree(ckpt.folder, ignore_errors=True)

@@ -9,7 +9,8 @@
    TTFT p50/p95, prefill tok/s, decode tok/s p50, peak RSS, size on disk.
 3. Accuracy on the held-out split shipped in the artifact (eval.jsonl, tokenized at packaging time with the same
    tokenizer): perplexity on the loss-carrying tokens, the recipe's task metric by greedy generation, and greedy
-   token agreement with the fp32 ONNX model.
+   token agreement with the reference tokens (the tuned torch model's greedy answers; the fp32 ONNX model's in
+   artifacts built before 66b4efb and in multi-adapter ones).
 4. The recipe's gates, against the reference numbers the pipeline recorded from the torch merged model.
 """
 from __future__ import annotations

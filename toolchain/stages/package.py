@@ -2,7 +2,7 @@
 
     <target>/  the onnxruntime-genai folder (model, genai_config.json, tokenizer, chat template)
                inference_model.json  its name and prompt template for Foundry Local and the AI Toolkit
-               eval.jsonl      the held-out split, tokenized, with the fp32 ONNX model's greedy tokens
+               eval.jsonl      the held-out split, tokenized, with the reference greedy tokens (stages/reference.py)
                retention.jsonl the general retention set, tokenized under the generic system prompt
                manifest.json   card, resolved recipe, package versions, input hashes, sha256 of every file,
                                stage lineage, how it was trained (method, precision, ranks, ZeRO stage),

@@ -3,9 +3,11 @@ reference_torch: the same from the merged torch model in its working dtype, for 
 not fit (Phi-3-mini: 15 GB; hf.models.LARGE_MODEL_BYTES). reference_encoder: the same figures for an encoder artifact.
 
 Writes eval.jsonl (token ids and loss mask per held-out example; for the first `eval_limit` a prompt, the reference
-answer and the fp32 ONNX model's greedy tokens), retention.jsonl (the general retention set, each prompt tokenized
-under the generic system prompt) and reference.json (perplexity, task metric and retention of the fp32 ONNX
-model). Every artifact ships both files, so a device validates on exactly these tokens.
+answer and the reference greedy tokens: the tuned torch model's, from the fine-tune stage, or the fp32 ONNX model's
+when there are none, e.g. with an adapter), retention.jsonl (the general retention set, each prompt tokenized
+under the generic system prompt) and reference.json (the fp32 ONNX model's perplexity; its task metric and
+retention too when it generated the reference tokens). Every artifact ships both files, so a device validates on
+exactly these tokens.
 """
 from __future__ import annotations
 

@@ -189,6 +189,11 @@ def nll(model, input_ids: list[int], labels: list[int]) -> tuple[float, int]:
         for i, t in enumerate(input_ids):
             gen.append_tokens(np.asarray([t], dtype=np.int32))
             logits[i] = gen.get_output("logits")[0, -1]
+    return _label_nll(logits, labels)
+
+
+def _label_nll(logits: np.ndarray, labels: list[int]) -> tuple[float, int]:
+    """Sum of next-token NLL of a row's logits [seq, vocab] where the label is not -100, and their count."""
     lab = np.asarray(labels[1:])
     keep = lab != -100
     logp = log_softmax(logits[:-1][keep])
@@ -212,10 +217,7 @@ def nll_then_generate(model, input_ids: list[int], labels: list[int], prompt_len
     logits = np.asarray(gen.get_output("logits"), dtype=np.float32)[0]
     if len(logits) != len(input_ids):
         return None
-    lab = np.asarray(labels[1:])
-    keep = lab != -100
-    logp = log_softmax(logits[:-1][keep])
-    nll_sum, count = float(-logp[np.arange(len(logp)), lab[keep]].sum()), int(keep.sum())
+    nll_sum, count = _label_nll(logits, labels)
     out = [int(np.argmax(logits[prompt_len - 1]))]
     t0 = time.perf_counter()
     if max_new_tokens > 1 and out[0] not in eos:

@@ -70,12 +70,12 @@ def accuracy(model, tok, rows: list[dict], metric: str, max_new_tokens: int, pro
     generated token lists."""
     gen_rows = [r for r in rows if "prompt_ids" in r] if metric in metrics.GENERATIVE else []
     eos = genai.eos_ids(tok)
-    one_pass = not lookup  # each generated row scored and answered from one prefill (genai.nll_then_generate)
-    nll, n, done, todo = 0.0, 0, {}, {id(r) for r in gen_rows}
+    one_pass = not lookup and bool(gen_rows)  # each generated row scored and answered from one prefill
+    nll, n, done = 0.0, 0, {}  # done: id(row) -> its Generation from genai.nll_then_generate
     for r in rows:
         k = len(r.get("prompt_ids", ()))
         res = None
-        if one_pass and id(r) in todo and r["input_ids"][:k] == r["prompt_ids"]:
+        if one_pass and k and r["input_ids"][:k] == r["prompt_ids"]:
             res = genai.nll_then_generate(model, r["input_ids"], r["labels"], k, max_new_tokens, eos)
             one_pass = res is not None  # None: a pruned lm_head, no row logits; score and answer apart
         if res is None:

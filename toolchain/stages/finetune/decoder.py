@@ -148,8 +148,8 @@ def finetune(src: Resolved, rec: Recipe, rec_file: Path, out: Path, *, evaluate:
                         "final_loss": log[-1]["loss"], "trainable_params": n_trainable}
     if world == 1:
         results["train"]["cpu_seconds"] = round(cpu_s, 1)
+    greedy = []  # the tuned model's greedy answer tokens, for the reference stage
     if evaluate:
-        greedy = []
         with methods.folded(trained, method):
             results["tuned"] = score(trained, tok, rec, ds, desc="tuned model eval", tokens=greedy)
             results["tuned"].update(retention_mod.retention(trained, tok, general, rec.metric.batch_size,
@@ -167,7 +167,7 @@ def finetune(src: Resolved, rec: Recipe, rec_file: Path, out: Path, *, evaluate:
                 resolved["data"][key] = str((rec_file.parent / resolved["data"][key]).resolve())
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
         (tmp / "loss_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
-        if evaluate and greedy:  # the reference stage's greedy tokens (stages/reference.py)
+        if greedy:  # stages/reference.py reads them
             (tmp / GREEDY_FILE).write_text(json.dumps(greedy))
         results["base_model_path"] = str(src.path)
         (tmp / "metrics.json").write_text(json.dumps(results, indent=2))

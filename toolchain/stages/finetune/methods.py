@@ -70,7 +70,7 @@ def trainable(net, method: MethodSpec, default_targets, bf16_base: bool, checkpo
 def folded(net, method: MethodSpec):
     """The adapter added into the base weights while the block runs (PEFT merge_adapter, undone on exit), for
     scoring: a generation step then runs one matmul per projection instead of three. Measured on a 2-core AVX2 EPYC
-    (SmolLM2, LoRA r16): held-out exact-match generations 68 -> 39 s. The scores are those of the merged model the
+    (SmolLM2, LoRA r16): the 64 held-out exact-match generations 68 -> 50 s. The scores are those of the merged model the
     export ships. QLoRA keeps its adapter apart (merging into NF4 weights would round them), as does a full
     fine-tune, which has none."""
     if method.type in ("qlora", "full") or not hasattr(net, "merge_adapter"):

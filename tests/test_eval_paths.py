@@ -135,3 +135,38 @@ def test_length_sorted_micro_batches_give_the_same_gradient(lora_net):
     for a, b in zip(grads([idx]), grads(cuts)):
         assert torch.allclose(a, b, atol=1e-6)
     lora_net.zero_grad()
+
+
+def test_generate_sorts_by_length_and_answers_in_prompt_order(lora_net, tiny_phi3):
+    """generate() batches prompts of like lengths together; each completion and its token ids still come back at
+    its prompt's place, as each prompt answered alone gives them."""
+    from toolchain.hf.evaluate import generate
+    from toolchain.hf.models import load_tokenizer
+    tok = load_tokenizer(tiny_phi3)
+    prompts = ["a much longer booking request for Kazan, three tickets", "hi", "two tickets for Oslo", "x y"]
+    assert len({len(tok(p)["input_ids"]) for p in prompts}) == len(prompts)  # unsorted, all lengths differ
+    ids = []
+    texts = generate(lora_net, tok, prompts, 6, batch_size=2, tokens=ids)
+    alone = [generate(lora_net, tok, [p], 6, batch_size=1, tokens=(t := [])) and t[0] for p in prompts]
+    assert ids == alone
+    assert texts == [tok.decode(t, skip_special_tokens=True) for t in alone]
+
+
+def test_stopping_at_the_first_mismatch_keeps_exact_match(lora_net, tiny_phi3):
+    """Each answer stops once it can no longer equal its reference: the answers that match come back whole, the
+    others cut short of max_new_tokens, and exact match is what the whole answers give."""
+    from toolchain.hf.evaluate import generate
+    from toolchain.hf.models import load_tokenizer
+    from toolchain.runtime.metrics import exact_match
+    tok = load_tokenizer(tiny_phi3)
+    prompts = ["two tickets for Oslo", "hi", "a booking for Kazan", "x y", "three for Rome, the 4th"]
+    whole_ids = []
+    whole = generate(lora_net, tok, prompts, 12, batch_size=2, tokens=whole_ids)
+    assert all(len(t) == 12 for t in whole_ids)  # a random model: no end of turn, every answer runs to the limit
+    refs = [whole[0], "nothing like it", whole[2] + " and more", "?" + whole[3], " " + whole[4] + " "]
+    cut_ids = []
+    cut = generate(lora_net, tok, prompts, 12, batch_size=2, tokens=cut_ids, unless=refs)
+    assert exact_match(cut, refs) == exact_match(whole, refs) == 0.4  # rows 0 and 4 match
+    assert cut_ids[0] == whole_ids[0] and cut_ids[4] == whole_ids[4]
+    assert all(len(cut_ids[i]) < 12 for i in (1, 3))  # stopped at a mismatch (row 2 is a prefix: it runs on)
+    assert cut[2] == whole[2]

@@ -207,7 +207,7 @@ def _base_score(load_base, tok, rec, ds, src, general: list[dict]) -> dict:
         print(f"base model scores: cached in {cache}", flush=True)
         return json.loads(cache.read_text())
     base = load_base()
-    scores = score(base, tok, rec, ds, desc="base model eval")
+    scores = score(base, tok, rec, ds, desc="base model eval", stop_at_mismatch=True)
     scores.update(retention_mod.retention(base, tok, general, rec.metric.batch_size, desc="base model retention"))
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".tmp{os.getpid()}")

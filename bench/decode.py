@@ -9,9 +9,9 @@ What it does:
   1. The merged fp32 HF model: `--merged DIR`, or the chat-lora pipeline's merged stage (`toolchain edge` stages,
      reused when cached).
   2. Our artifacts, built from it with the toolchain's own stages: the fp32 export (onnxruntime-genai builder), then
-     cpu-fp32, cpu-int8 and cpu-int4 (the recipe's `quantize:` settings), the mixed int4/int8 variant (MIXED, unless
-     the recipe ships it), cpu-int4 with its lm_head pruned to the last position (speed only), plus the builder's own
-     int4 defaults.
+     cpu-fp32, cpu-int8 and cpu-int4 (the recipe's `quantize:` settings), the mixed int4/int8 (MIXED) and all-int4
+     (ALL_INT4) variants unless the recipe ships one, cpu-int4 with its lm_head pruned to the last position (speed
+     only), plus the builder's own int4 defaults.
   3. llama.cpp: the merged model converted to an f32 GGUF by llama.cpp's own converter (convert_hf_to_gguf.py from
      the llama-cpp-python source distribution), then Q4_0 and Q4_K_M by llama.cpp's quantizer
      (llama_cpp.llama_model_quantize): toolchain/stages/quantize/gguf.py, what the gguf-* targets are built by.
@@ -92,15 +92,17 @@ def ours(merged: Path, recipe: str) -> dict[str, dict]:
         export(merged, fp32, exporter="genai")
     spec = load_recipe(recipe)[0].quantize
     mixed = QuantizeSpec(**{**spec.model_dump(), **MIXED})
+    all_int4 = QuantizeSpec(**{**spec.model_dump(), **ALL_INT4})
     pruned = QuantizeSpec(**{**spec.model_dump(), "prune_lm_head": True})
     out = {}
     variants = [("ours cpu-fp32", "cpu-fp32", "cpu-fp32", None),
                 ("ours cpu-int8", "cpu-int8", "cpu-int8", spec_for("cpu-int8", None)),
                 ("ours cpu-int4", "cpu-int4", "cpu-int4", spec),
                 (MIXED_NAME, "cpu-int4-mixed", "cpu-int4", mixed),
+                (ALL_INT4_NAME, "cpu-int4-all-int4", "cpu-int4", all_int4),
                 (PRUNED_NAME, "cpu-int4-pruned", "cpu-int4", pruned)]
-    for name, folder, target, sp in [v for v in variants if not (v[3] is mixed and mixed == spec)]:
-        # a recipe that ships MIXED already (chat-lora) gets it as "ours cpu-int4", not built and timed twice
+    for name, folder, target, sp in [v for v in variants if not (v[3] in (mixed, all_int4) and v[3] == spec)]:
+        # a variant the recipe ships already (chat-lora once shipped MIXED) is "ours cpu-int4", not built and timed twice
         d = root / folder
         key = json.dumps(sp.model_dump(), sort_keys=True) if sp else ""
         stamp_file = d / ".bench-spec"
@@ -122,6 +124,10 @@ def ours(merged: Path, recipe: str) -> dict[str, dict]:
 # 24 layers stay int4. On all 48 chunks: KL 0.052 (without o_proj 0.062) against Q4_K_M's 0.059.
 MIXED = {"int8": ["qkv_proj", "o_proj", "down_proj"], "int8_edge_layers": 3, "lm_head_bits": 8}
 MIXED_NAME = "ours cpu-int4 mixed (gate/up int4, rest int8)"
+# Every projection and the lm_head in int4 (chat-lora ships every projection in int8): the smallest and, with VNNI,
+# the fastest variant; the --tune matrix starts from it.
+ALL_INT4 = {"int8": [], "int8_edge_layers": 0, "lm_head_bits": 4}
+ALL_INT4_NAME = "ours cpu-int4 all-int4 (every projection int4)"
 PRUNED_NAME = "ours cpu-int4 pruned lm_head (last-position logits)"
 
 # The cpu-int4 tuning matrix (`--tune`): name -> how it is built and run. "spec": QuantizeSpec overrides on the recipe's
@@ -165,7 +171,7 @@ def tune_models(merged: Path, recipe: str, names: list[str] | None = None) -> di
         from toolchain.stages.export.decoder import export
 
         export(merged, fp32, exporter="genai")
-    base = load_recipe(recipe)[0].quantize.model_dump()
+    base = {**load_recipe(recipe)[0].quantize.model_dump(), **ALL_INT4}  # the names below describe int4 projections
     out = {}
     for name, v in TUNE.items():
         if names and not any(n in name for n in names):
@@ -574,9 +580,10 @@ def main() -> None:
         models.update(llama_models(merged))
     elif not args.no_llama:
         print("llama-cpp-python is not installed (make bench installs it): llama.cpp rows skipped", file=sys.stderr)
-    if args.only:
+    if args.only:  # the fp32 reference stays for quality, timed only when it matches
         keep = [s.strip() for s in args.only.split(",")]
-        models = {k: v for k, v in models.items() if any(s in k for s in keep)}
+        models = {k: v if any(s in k for s in keep) else {**v, "no_speed": True} for k, v in models.items()
+                  if any(s in k for s in keep) or v["kind"] == "torch"}
     if args.build_only:
         print(json.dumps(models, indent=1))
         return

@@ -170,3 +170,22 @@ def test_stopping_at_the_first_mismatch_keeps_exact_match(lora_net, tiny_phi3):
     assert cut_ids[0] == whole_ids[0] and cut_ids[4] == whole_ids[4]
     assert all(len(cut_ids[i]) < 12 for i in (1, 3))  # stopped at a mismatch (row 2 is a prefix: it runs on)
     assert cut[2] == whole[2]
+
+
+def test_validate_reports_each_answer_as_it_is_generated(monkeypatch):
+    """The one-prefill path answers rows while it scores them: progress comes after each answer, not all at the end."""
+    from toolchain.runtime import genai, validate
+
+    log = []
+
+    def one_pass(model, input_ids, labels, k, max_new_tokens, eos):
+        log.append("answer")
+        return 1.0, 2, genai.Generation(tokens=[5, 0], prompt_tokens=k, ttft_s=0.01, decode_s=0.01)
+
+    monkeypatch.setattr(genai, "eos_ids", lambda tok: (0,))
+    monkeypatch.setattr(genai, "nll_then_generate", one_pass)
+    monkeypatch.setattr(genai, "decode", lambda tok, ids: "x")
+    rows = [{"input_ids": [1, 2, 3], "labels": [-100, 3, 4], "prompt_ids": [1, 2], "reference": "x"} for _ in range(3)]
+    out, generated = validate.accuracy(None, None, rows, "exact_match", 8, progress=lambda i, n: log.append((i, n)))
+    assert log == ["answer", (1, 3), "answer", (2, 3), "answer", (3, 3)]
+    assert out["exact_match"] == 1.0 and generated == [[5, 0]] * 3

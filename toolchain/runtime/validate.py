@@ -82,19 +82,25 @@ def accuracy(model, tok, rows: list[dict], metric: str, max_new_tokens: int, pro
             res = genai.nll(model, r["input_ids"], r["labels"])
         else:
             done[id(r)] = res[2]
+            if progress:  # answered here, as it happens
+                progress(len(done), len(gen_rows))
         nll, n = nll + res[0], n + res[1]
     out = {"perplexity": metrics.perplexity(nll, n), "eval_tokens": n}
     generated = []
     if gen_rows:
         agree, decoded, decode_s = [], 0, 0.0
-        for i, r in enumerate(gen_rows):
-            g = done.get(id(r)) or genai.generate(model, r["prompt_ids"], max_new_tokens, lookup=lookup, eos=eos)
+        answered = len(done)
+        for r in gen_rows:
+            g = done.get(id(r))
+            if g is None:
+                g = genai.generate(model, r["prompt_ids"], max_new_tokens, lookup=lookup, eos=eos)
+                answered += 1
+                if progress:
+                    progress(answered, len(gen_rows))
             generated.append(g.tokens)
             decoded, decode_s = decoded + len(g.tokens) - 1, decode_s + g.decode_s
             if "fp32_tokens" in r:
                 agree.append(agreement(generated[-1], r["fp32_tokens"]))
-            if progress:
-                progress(i + 1, len(gen_rows))
         preds = [genai.decode(tok, t) for t in generated]
         out.update(metrics.task_scores(metric, preds, [r["reference"] for r in gen_rows],
                                        [r.get("constraints", {}) for r in gen_rows]))

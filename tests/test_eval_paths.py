@@ -189,3 +189,28 @@ def test_validate_reports_each_answer_as_it_is_generated(monkeypatch):
     out, generated = validate.accuracy(None, None, rows, "exact_match", 8, progress=lambda i, n: log.append((i, n)))
     assert log == ["answer", (1, 3), "answer", (2, 3), "answer", (3, 3)]
     assert out["exact_match"] == 1.0 and generated == [[5, 0]] * 3
+
+
+def test_drift_is_scored_before_the_adapter_is_folded(tiny_phi3, tmp_path, monkeypatch):
+    """Unfolding does not give a bf16 base its weights back to the last bit, so drift, which switches the adapter
+    off for the base's logits, runs on the weights as trained, before the folded generation."""
+    from conftest import finetune, tiny_recipe_file
+    from toolchain.hf import retention as retention_mod
+    from toolchain.stages.finetune import decoder
+
+    calls, fold, drift = [], methods.folded, retention_mod.drift
+    merged = lambda net: any(getattr(m, "merged", False) for m in net.modules())  # a LoRA layer holds its delta
+
+    def folded(net, method):
+        calls.append(("fold", merged(net)))
+        return fold(net, method)
+
+    def recorded(tuned, *a, **k):
+        calls.append(("drift", merged(tuned)))
+        return drift(tuned, *a, **k)
+
+    monkeypatch.setattr(decoder.methods, "folded", folded)
+    monkeypatch.setattr(decoder.retention_mod, "drift", recorded)
+    res = finetune(str(tiny_phi3), str(tiny_recipe_file(tmp_path)), tmp_path / "ft", max_steps=1)
+    assert [c[0] for c in calls] == ["drift", "fold"] and calls[0][1] is False
+    assert "drift_mean_kl" in res["tuned"] and "exact_match" in res["tuned"]

@@ -150,12 +150,16 @@ def finetune(src: Resolved, rec: Recipe, rec_file: Path, out: Path, *, evaluate:
         results["train"]["cpu_seconds"] = round(cpu_s, 1)
     greedy = []  # the tuned model's greedy answer tokens, for the reference stage
     if evaluate:
+        # drift first: it switches the adapter off for the base's logits, and unfolding a bf16 base (a large
+        # model's working dtype) does not give back its weights to the last bit
+        base = load_causal_lm(src.path, trust_remote_code) if method.type == "full" else None
+        drift = retention_mod.drift(trained, tok, general, base)
+        del base
         with methods.folded(trained, method):
             results["tuned"] = score(trained, tok, rec, ds, desc="tuned model eval", tokens=greedy)
             results["tuned"].update(retention_mod.retention(trained, tok, general, rec.metric.batch_size,
                                                             desc="tuned model retention"))
-        base = load_causal_lm(src.path, trust_remote_code) if method.type == "full" else None
-        results["tuned"].update(retention_mod.drift(trained, tok, general, base))
+        results["tuned"].update(drift)
     with atomic_dir(out) as tmp:
         folder = tmp / ("model" if method.type == "full" else "adapter")
         trained.save_pretrained(folder, safe_serialization=True)

@@ -108,3 +108,23 @@ def test_large_model_refuses_targets_that_need_the_fp32_export(large_run):
         mp.setattr(models, "LARGE_MODEL_BYTES", 0)
         with pytest.raises(ToolchainError, match="cpu-int8.*fp32 ONNX export"):
             pipeline.edge(str(model), str(rec), target="cpu-int8", out=root / "artifacts")
+
+
+def test_replay_answers_come_from_a_large_base_in_its_own_dtype(tmp_path, monkeypatch):
+    """The replay answers are generated once, before training; for a large model they come from its bf16 weights,
+    never an fp32 copy (Phi-3-mini's fp32 copy held 16.7 GB while it answered)."""
+    import toolchain.hf.models as models
+    from toolchain.config.catalog import load_recipe
+    from toolchain.config.sources import resolve
+    from toolchain.stages.finetune import replay
+
+    model = bf16_copy(make_tiny_phi3(tmp_path / "fp32"), tmp_path / "tiny-bf16")
+    monkeypatch.setattr(models, "LARGE_MODEL_BYTES", 0)
+    monkeypatch.setenv("TOOLCHAIN_HOME", str(tmp_path / "home"))
+    seen, load = [], replay.load_causal_lm
+    monkeypatch.setattr(replay, "load_causal_lm", lambda path, trc=False, dtype=torch.float32:
+                        seen.append(dtype) or load(path, trc, dtype=dtype))
+    rec, rec_file = load_recipe(str(tiny_recipe_file(tmp_path)))
+    src = resolve(str(model))
+    _, info = replay.rows(src, rec, rec_file, models.load_tokenizer(src.path))
+    assert seen == [torch.bfloat16] and info["generated"] and info["prompts"] > 0

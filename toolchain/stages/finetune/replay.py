@@ -17,7 +17,7 @@ from typing import Optional
 
 from toolchain.config.catalog import home, replay_prompts
 from toolchain.hf.evaluate import generate
-from toolchain.hf.models import load_causal_lm
+from toolchain.hf.models import load_causal_lm, working_dtype
 from toolchain.hf.retention import prompt, read_items
 from toolchain.runtime import retention as rt
 from toolchain.runtime.fsutil import sha256_file
@@ -48,7 +48,8 @@ def key(src, rec, rec_file: Path) -> Optional[str]:
 
 def rows(src, rec, rec_file: Path, tok, base=None) -> tuple[list, dict]:
     """(the replay chat rows, what they are: key, count, cached or generated). Nothing when data.replay.fraction
-    is 0. base: the fp32 base model when the caller has it loaded (else loaded here, only if generating)."""
+    is 0. base: the base model when the caller has it loaded (else loaded here in its working dtype, only if
+    generating)."""
     k = key(src, rec, rec_file)
     if k is None:
         return [], {"fraction": 0.0}
@@ -59,7 +60,9 @@ def rows(src, rec, rec_file: Path, tok, base=None) -> tuple[list, dict]:
         out = _read(cache)
         return out, {**info, "rows": len(out), "generated": False}
     items = read_items(replay_prompts(rec, rec_file))
-    model = base if base is not None else load_causal_lm(src.path, src.trust_remote_code)
+    # in the dtype the fine-tune scores the base in: a large model's own bf16, not an fp32 copy (Phi-3-mini's took
+    # 16.7 GB here); the key needs no dtype, the weight files it hashes decide it
+    model = base if base is not None else load_causal_lm(src.path, src.trust_remote_code, dtype=working_dtype(src.path))
     answers = generate(model, tok, [prompt(tok, it["prompt"]) for it in items], rec.data.replay.max_new_tokens,
                        BATCH, desc="replay: base answers")
     lines = [json.dumps({"messages": rt.messages(it["prompt"]) + [{"role": "assistant", "content": a}]},

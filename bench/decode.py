@@ -101,8 +101,7 @@ def ours(merged: Path, recipe: str) -> dict[str, dict]:
                 (MIXED_NAME, "cpu-int4-mixed", "cpu-int4", mixed),
                 (ALL_INT4_NAME, "cpu-int4-all-int4", "cpu-int4", all_int4),
                 (PRUNED_NAME, "cpu-int4-pruned", "cpu-int4", pruned)]
-    for name, folder, target, sp in [v for v in variants if not (v[3] in (mixed, all_int4) and v[3] == spec)]:
-        # a variant the recipe ships already (chat-lora once shipped MIXED) is "ours cpu-int4", not built and timed twice
+    for name, folder, target, sp in unshipped(variants, spec, (mixed, all_int4)):
         d = root / folder
         key = json.dumps(sp.model_dump(), sort_keys=True) if sp else ""
         stamp_file = d / ".bench-spec"
@@ -116,6 +115,12 @@ def ours(merged: Path, recipe: str) -> dict[str, dict]:
         out[name] = {"kind": "genai", "path": str(d), "no_quality": sp is pruned}
     out["ort-genai builder int4 (defaults)"] = {"kind": "genai", "path": str(builder_int4(merged, root / "builder-int4"))}
     return out
+
+
+def unshipped(variants: list[tuple], spec, extras: tuple) -> list[tuple]:
+    """`variants` without the extra variants (by identity) whose settings equal the recipe's `spec`: a variant the
+    recipe ships already (chat-dora ships MIXED) is its "ours cpu-int4" row, not built and timed twice."""
+    return [v for v in variants if not (any(v[3] is x for x in extras) and v[3] == spec)]
 
 
 # Mixed int4/int8 at llama.cpp Q4_K_M's fidelity: the projections and layers whose 8-bit width cut the mean KL to fp32
@@ -582,8 +587,8 @@ def main() -> None:
         print("llama-cpp-python is not installed (make bench installs it): llama.cpp rows skipped", file=sys.stderr)
     if args.only:  # the fp32 reference stays for quality, timed only when it matches
         keep = [s.strip() for s in args.only.split(",")]
-        models = {k: v if any(s in k for s in keep) else {**v, "no_speed": True} for k, v in models.items()
-                  if any(s in k for s in keep) or v["kind"] == "torch"}
+        hit = lambda k: any(s in k for s in keep)  # noqa: E731
+        models = {k: v if hit(k) else {**v, "no_speed": True} for k, v in models.items() if hit(k) or v["kind"] == "torch"}
     if args.build_only:
         print(json.dumps(models, indent=1))
         return

@@ -155,3 +155,17 @@ def test_lookup_table_compares_with_llama_plain_at_the_same_threads():
     lines = md.splitlines()
     assert "| ours cpu-int4 | 1 | lookup k=3 | 150.0 | 1.50x |" in lines[3] and "| 40.0 | 0.80x |" in lines[3]
     assert "| 300.0 | 1.50x |" in lines[5] and "| 100.0 | 1.25x |" in lines[5] and "| plain |" in lines[4]
+
+
+def test_a_shipped_variant_is_timed_once_as_the_recipes_own(decode):
+    """A recipe that ships MIXED keeps its own row and drops the MIXED twin; all-int4, unshipped, stays."""
+    from toolchain.config.schema import QuantizeSpec
+
+    spec = QuantizeSpec(**decode.MIXED)
+    mixed, all_int4 = QuantizeSpec(**decode.MIXED), QuantizeSpec(**decode.ALL_INT4)
+    rows = [("ours", spec), ("mixed", mixed), ("all-int4", all_int4), ("fp32", None)]
+    kept = decode.unshipped([(n, None, None, sp) for n, sp in rows], spec, (mixed, all_int4))
+    assert [v[0] for v in kept] == ["ours", "all-int4", "fp32"]
+    other = QuantizeSpec(lm_head_bits=8)  # neither variant (the schema's defaults are all-int4)
+    assert [v[0] for v in decode.unshipped([(n, None, None, sp) for n, sp in rows], other, (mixed, all_int4))] \
+        == ["ours", "mixed", "all-int4", "fp32"]

@@ -105,11 +105,18 @@ def test_chat_template_from_gguf_without_doubled_bos(tok):
 
 
 def test_converted_weights_equal_gguf_load(folder):
+    """The conversion lends transformers its parsed reader (_parsed_once): the weights are bit for bit those of
+    transformers' own GGUF load, which parses the file itself, and gguf's module is left as it was."""
+    import gguf
+    from gguf.gguf_reader import GGUFReader
     from transformers import AutoModelForCausalLM
 
+    assert gguf.GGUFReader is GGUFReader and not hasattr(gguf.get_tensor_name_map, "cache_info")
     direct = AutoModelForCausalLM.from_pretrained(GGUF.parent, gguf_file=GGUF.name).eval()
     converted = AutoModelForCausalLM.from_pretrained(folder).eval()
     assert converted.dtype == torch.float32
+    a, b = direct.state_dict(), converted.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ids = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356, 2, 1, 4093, 198, 19556, 905, 2]])
     with torch.no_grad():
         assert (direct(ids).logits - converted(ids).logits).abs().max().item() < 1e-4

@@ -27,6 +27,23 @@ def _losses(folder):
     return [json.loads(x)["loss"] for x in (folder / "loss_log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_an_empty_home_loads_the_base_once(method, tiny_phi3, tmp_path, monkeypatch):
+    """From an empty TOOLCHAIN_HOME the fine-tune generates the replay answers and the base scores: one load of the
+    base in its working dtype serves both, and LoRA trains on that same copy; QLoRA frees it before its NF4 copy."""
+    from toolchain.stages.finetune import decoder, methods, replay
+
+    monkeypatch.setenv("TOOLCHAIN_HOME", str(tmp_path / "home"))
+    loads, load, nf4 = [], decoder.load_causal_lm, methods.load_nf4
+    for module in (decoder, replay):
+        monkeypatch.setattr(module, "load_causal_lm", lambda *a, **k: loads.append("base") or load(*a, **k))
+    monkeypatch.setattr(methods, "load_nf4", lambda *a, **k: loads.append("nf4") or nf4(*a, **k))
+    rec = tiny_recipe_file(tmp_path, method={**NO_DROPOUT, "type": method}, train={"max_steps": 1, "batch_size": 4})
+    res = finetune(str(tiny_phi3), str(rec), tmp_path / "ft", evaluate=True)
+    assert res["replay"]["generated"] and res["replay"]["prompts"] > 0 and "perplexity" in res["base"]
+    assert loads == (["base"] if method == "lora" else ["base", "nf4"])
+
+
 @pytest.mark.parametrize("method", ["dora", "rslora", "full", "qlora"])
 def test_each_method_trains_and_merges(method, tiny_phi3, tmp_path):
     rec = tiny_recipe_file(tmp_path, method={**NO_DROPOUT, "type": method})

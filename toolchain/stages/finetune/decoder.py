@@ -66,7 +66,9 @@ def finetune(src: Resolved, rec: Recipe, rec_file: Path, out: Path, *, evaluate:
     zero, trust_remote_code = launch.zero, src.trust_remote_code
     spec, method = rec.train, rec.method
     tok = load_tokenizer(src.path, trust_remote_code)
-    replay_rows, replay_info = replay_mod.rows(src, rec, rec_file, tok)
+    dtype = working_dtype(src.path)  # fp32; a large model's own dtype (an fp32 Phi-3-mini is 15 GB)
+    base = _Once(lambda: load_causal_lm(src.path, trust_remote_code, dtype=dtype))  # replay, base scores, training
+    replay_rows, replay_info = replay_mod.rows(src, rec, rec_file, tok, load_base=base)
     ds = data_mod.load(rec, rec_file, tok, replay=replay_rows)
     general = retention_mod.read_items(RETENTION_SET)
     micro_batches(list(range(spec.batch_size)), 0, world, spec.grad_accum)  # fail fast on a bad split
@@ -77,14 +79,13 @@ def finetune(src: Resolved, rec: Recipe, rec_file: Path, out: Path, *, evaluate:
     results = state["results"] if state else {"model": src.card.name, "recipe": rec.name, "metric": rec.metric.name,
                                               "method": method.type, "replay": replay_info}
     seed_everything(spec.seed)
-    dtype = working_dtype(src.path)  # fp32; a large model's own dtype (an fp32 Phi-3-mini is 15 GB)
-    net = None if method.type == "qlora" else load_causal_lm(src.path, trust_remote_code, dtype=dtype)
     if evaluate and lead and "base" not in results:  # the base in that dtype, whatever trains on top of it
-        results["base"] = _base_score(lambda: net if net is not None else load_causal_lm(src.path, trust_remote_code,
-                                                                                          dtype=dtype), tok, rec, ds, src,
-                                      general)
+        results["base"] = _base_score(base, tok, rec, ds, src, general)
     if method.type == "qlora":
+        base.drop()  # freed before the NF4 copy loads
         net = methods.load_nf4(src.path, method, trust_remote_code)
+    else:
+        net = base()
     net = methods.trainable(net, method, src.card.lora_target_modules, bf16, spec.gradient_checkpointing)
     params = [p for p in net.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
@@ -181,6 +182,21 @@ def finetune(src: Resolved, rec: Recipe, rec_file: Path, out: Path, *, evaluate:
     return results
 
 
+class _Once:
+    """A model loaded on first call and kept for the later ones, until drop()."""
+
+    def __init__(self, load):
+        self.load, self.model = load, None
+
+    def __call__(self):
+        if self.model is None:
+            self.model = self.load()
+        return self.model
+
+    def drop(self) -> None:
+        self.model = None
+
+
 def _fresh(src, method, trust_remote_code: bool, state_dict: dict):
     """A single-process model of `method` holding trained weights (from the DeepSpeed ranks)."""
     net = methods.load_nf4(src.path, method, trust_remote_code) if method.type == "qlora" else load_causal_lm(src.path, trust_remote_code)
@@ -202,7 +218,7 @@ def _weights_stamp(src) -> str:
 def _base_score(load_base, tok, rec, ds, src, general: list[dict]) -> dict:
     """The base model's held-out scores and its retention on `general`, cached by what they depend on (weights,
     tokenized eval split, metric, the retention set and settings): every method and run of a recipe shares them.
-    load_base() gives the fp32 base when they must be computed."""
+    load_base() gives the base in its working dtype when they must be computed."""
     h = hashlib.sha256(json.dumps([ds.eval, [r.model_dump() for r in ds.eval_rows], rec.metric.model_dump(), general,
                                    rt_retention.SYSTEM, rt_retention.MAX_NEW_TOKENS], sort_keys=True).encode())
     h.update(_weights_stamp(src).encode())

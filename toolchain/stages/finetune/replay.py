@@ -13,7 +13,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from toolchain.config.catalog import home, replay_prompts
 from toolchain.hf.evaluate import generate
@@ -46,10 +46,10 @@ def key(src, rec, rec_file: Path) -> Optional[str]:
     return h.hexdigest()[:16]
 
 
-def rows(src, rec, rec_file: Path, tok, base=None) -> tuple[list, dict]:
+def rows(src, rec, rec_file: Path, tok, load_base: Optional[Callable] = None) -> tuple[list, dict]:
     """(the replay chat rows, what they are: key, count, cached or generated). Nothing when data.replay.fraction
-    is 0. base: the base model when the caller has it loaded (else loaded here in its working dtype, only if
-    generating)."""
+    is 0. load_base(): the base in its working dtype, called only when the answers must be generated (default: a
+    copy loaded here), so that a fine-tune which trains on that base loads it once."""
     k = key(src, rec, rec_file)
     if k is None:
         return [], {"fraction": 0.0}
@@ -62,7 +62,8 @@ def rows(src, rec, rec_file: Path, tok, base=None) -> tuple[list, dict]:
     items = read_items(replay_prompts(rec, rec_file))
     # in the dtype the fine-tune scores the base in: a large model's own bf16, not an fp32 copy (Phi-3-mini's took
     # 16.7 GB here); the key needs no dtype, the weight files it hashes decide it
-    model = base if base is not None else load_causal_lm(src.path, src.trust_remote_code, dtype=working_dtype(src.path))
+    model = load_base() if load_base is not None else \
+        load_causal_lm(src.path, src.trust_remote_code, dtype=working_dtype(src.path))
     answers = generate(model, tok, [prompt(tok, it["prompt"]) for it in items], rec.data.replay.max_new_tokens,
                        BATCH, desc="replay: base answers")
     lines = [json.dumps({"messages": rt.messages(it["prompt"]) + [{"role": "assistant", "content": a}]},

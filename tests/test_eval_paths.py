@@ -56,6 +56,19 @@ def test_answer_positions_nll_equals_full_logits(lora_net):
     assert fast[0] == pytest.approx(ref[0], rel=1e-5)
 
 
+def test_batched_drift_equals_one_conversation_at_a_time(lora_net, tiny_phi3):
+    """Right-padded batches of like lengths give the one-at-a-time figures, the adapter switched off for the base."""
+    from toolchain.config.catalog import RETENTION_SET
+    from toolchain.hf.models import load_tokenizer
+    from toolchain.hf.retention import drift, read_items
+
+    tok, items = load_tokenizer(tiny_phi3), read_items(RETENTION_SET)[:11]
+    one, batched = drift(lora_net, tok, items, batch_size=1), drift(lora_net, tok, items, batch_size=4)
+    assert one["drift_positions"] == batched["drift_positions"] > 11 * 10
+    assert batched["drift_mean_kl"] == pytest.approx(one["drift_mean_kl"], rel=1e-5) and one["drift_mean_kl"] > 0
+    assert batched["drift_top1_agreement"] == one["drift_top1_agreement"] < 1
+
+
 def test_folding_the_adapter_keeps_logits_and_is_undone(lora_net):
     ids = torch.tensor([_examples(lora_net.config.vocab_size)[2]["input_ids"]])
     before = {n: p.detach().clone() for n, p in lora_net.named_parameters() if "lora_" not in n}

@@ -34,26 +34,39 @@ def retention(model, tok, items: list[dict], batch_size: int = 16, desc: str = "
 
 
 @torch.no_grad()
-def drift(tuned, tok, items: list[dict], base=None) -> dict:
+def drift(tuned, tok, items: list[dict], base=None, batch_size: int = 16) -> dict:
     """Top-1 agreement and mean KL(base || tuned) of next-token distributions over every position of the retention
     conversations with their reference answers. The base's logits come from `base`, else from the tuned PEFT
-    model with its adapter switched off (for QLoRA that base is the NF4 one it trained on)."""
+    model with its adapter switched off (for QLoRA that base is the NF4 one it trained on).
+
+    The conversations go in batches of like lengths, padded on the right, where no real position attends to the
+    padding: the same figures (to 1e-8) as one at a time, in 10.5 s instead of 24 s for SmolLM2's 48 on a 2-core
+    AMD EPYC (AVX2)."""
     if base is None and not hasattr(tuned, "disable_adapter"):
         raise ValueError("drift needs the base model: a full fine-tune has no adapter to switch off")
     stats = LogitStats()
-    for it in items:
-        if tok.chat_template:
-            text = tok.apply_chat_template(rt.messages(it["prompt"]) + [{"role": "assistant", "content": it["reference"]}],
-                                           tokenize=False)
-        else:
-            text = prompt(tok, it["prompt"]) + it["reference"]
-        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
-        q = tuned(input_ids=ids).logits[0, :-1].float()
+    seqs = sorted((tok(_conversation(tok, it), add_special_tokens=False)["input_ids"] for it in items), key=len)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    for i in range(0, len(seqs), batch_size):
+        rows = seqs[i:i + batch_size]
+        width = max(map(len, rows))
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        q = tuned(input_ids=ids, attention_mask=mask).logits
         with (nullcontext() if base is not None else tuned.disable_adapter()):
-            ref = (base if base is not None else tuned)(input_ids=ids).logits[0, :-1].float()
-        _add(stats, ref, q, ids[0, 1:])
+            ref = (base if base is not None else tuned)(input_ids=ids, attention_mask=mask).logits
+        for j, r in enumerate(rows):
+            _add(stats, ref[j, :len(r) - 1].float(), q[j, :len(r) - 1].float(), torch.tensor(r[1:]))
     r = stats.result()
     return {"drift_top1_agreement": r["top1_agreement"], "drift_mean_kl": r["mean_kl"], "drift_positions": r["positions"]}
+
+
+def _conversation(tok, item: dict) -> str:
+    """A retention item's question and reference answer, as the chat template writes them."""
+    if tok.chat_template:
+        return tok.apply_chat_template(rt.messages(item["prompt"]) + [{"role": "assistant", "content": item["reference"]}],
+                                       tokenize=False)
+    return prompt(tok, item["prompt"]) + item["reference"]
 
 
 def _add(stats: LogitStats, ref: torch.Tensor, q: torch.Tensor, labels: torch.Tensor) -> None:

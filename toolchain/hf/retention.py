@@ -25,7 +25,7 @@ def prompt(tok, text: str) -> str:
     return tok.apply_chat_template(rt.messages(text), tokenize=False, add_generation_prompt=True)
 
 
-def retention(model, tok, items: list[dict], batch_size: int = 16, desc: str = "retention") -> dict:
+def retention(model, tok, items: list[dict], batch_size: int = rt.GENERAL_BATCH, desc: str = "retention") -> dict:
     """The retention figures (runtime/retention.score) of greedy answers, plus a few of them."""
     replies = generate(model, tok, [prompt(tok, it["prompt"]) for it in items], rt.MAX_NEW_TOKENS, batch_size, desc)
     out = rt.score(items, replies)

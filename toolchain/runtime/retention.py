@@ -21,6 +21,10 @@ from typing import Sequence
 RETENTION_FILE = "retention.jsonl"  # the tokenized set an artifact ships
 SYSTEM = "You are a helpful assistant."  # the generic system prompt retention and replay are asked under
 MAX_NEW_TOKENS = 24  # enough for every accepted answer; short, so scoring stays cheap
+# the torch models answer the general prompts (retention, replay) this many at a time: the 48 retention questions in
+# one batch. On a 2-core AMD EPYC (AVX2), SmolLM2: the 92 replay answers took 30.8 s against 54.0 s in batches of
+# 16, retention 10.9 against 16.9 s, the same texts (a decode step reads the weights once for the whole batch)
+GENERAL_BATCH = 48
 KINDS = ("fact", "number", "word", "french", "list")
 _NUMBER = re.compile(r"-?\d+(?:[.,]\d+)?")
 _WORDS = re.compile(r"[^\W_]+(?:['-][^\W_]+)*")

@@ -158,8 +158,7 @@ def finetune(src: Resolved, rec: Recipe, rec_file: Path, out: Path, *, evaluate:
         del base
         with methods.folded(trained, method):
             results["tuned"] = score(trained, tok, rec, ds, desc="tuned model eval", tokens=greedy)
-            results["tuned"].update(retention_mod.retention(trained, tok, general, rec.metric.batch_size,
-                                                            desc="tuned model retention"))
+            results["tuned"].update(retention_mod.retention(trained, tok, general, desc="tuned model retention"))
         results["tuned"].update(drift)
     with atomic_dir(out) as tmp:
         folder = tmp / ("model" if method.type == "full" else "adapter")
@@ -228,7 +227,7 @@ def _base_score(load_base, tok, rec, ds, src, general: list[dict]) -> dict:
         return json.loads(cache.read_text())
     base = load_base()
     scores = score(base, tok, rec, ds, desc="base model eval", stop_at_mismatch=True)
-    scores.update(retention_mod.retention(base, tok, general, rec.metric.batch_size, desc="base model retention"))
+    scores.update(retention_mod.retention(base, tok, general, desc="base model retention"))
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(scores))

@@ -23,7 +23,6 @@ from toolchain.runtime import retention as rt
 from toolchain.runtime.fsutil import sha256_file
 from toolchain.runtime.rows import read_jsonl
 
-BATCH = 16
 _SENTENCE_END = re.compile(r"[.!?)](?=\s|$)")
 
 
@@ -65,7 +64,7 @@ def rows(src, rec, rec_file: Path, tok, load_base: Optional[Callable] = None) ->
     model = load_base() if load_base is not None else \
         load_causal_lm(src.path, src.trust_remote_code, dtype=working_dtype(src.path))
     answers = generate(model, tok, [prompt(tok, it["prompt"]) for it in items], rec.data.replay.max_new_tokens,
-                       BATCH, desc="replay: base answers")
+                       rt.GENERAL_BATCH, desc="replay: base answers")
     lines = [json.dumps({"messages": rt.messages(it["prompt"]) + [{"role": "assistant", "content": a}]},
                         ensure_ascii=False) + "\n"
              for it, a in ((it, whole_sentences(a)) for it, a in zip(items, answers)) if a]

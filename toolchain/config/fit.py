@@ -22,6 +22,7 @@ from typing import Optional
 from toolchain.config.schema import Launch, Recipe
 from toolchain.config.shapes import LARGE_MODEL_BYTES, param_count, weight_bytes
 from toolchain.runtime.errors import ToolchainError
+from toolchain.runtime.retention import GENERAL_BATCH
 
 GB = 1024 ** 3
 
@@ -46,6 +47,11 @@ ACT_ATTENTION = 5
 ACT_CHECKPOINTED_PER_HIDDEN = 2
 # the LM head's logits over the vocabulary, fp32, kept for the loss and its gradient (logits, log-softmax, grad)
 LOGIT_COPIES = 3
+# the fine-tune's one-time generations from an empty TOOLCHAIN_HOME (replay answers, base scores) hold the base in
+# its working dtype (fp32; a large model's own) and a KV cache: GENERAL_BATCH general prompts of at most this many
+# tokens with their answers (the system prompt and a question: under 64 tokens for SmolLM2 and Phi-3, + 48 new), or a
+# metric batch of held-out prompts (max_length + max_new_tokens). Phi-3-mini in bf16, 16 replay prompts: 8.2 GB.
+GENERAL_TOKENS = 128
 # merge: the fp32 base with the adapter merged in place, plus one safetensors shard (<= 5 GB) serialized at save.
 MERGE_FP32 = 1.0
 SAVE_SHARD_BYTES = 5 * GB
@@ -108,6 +114,13 @@ def _activations(cfg: dict, rec: Recipe, per_rank_batch: float, dtype_bytes: int
     return kept + LOGIT_COPIES * s * b * vocab * 4
 
 
+def _kv_bytes(cfg: dict, dtype_bytes: int) -> int:
+    """The KV cache's bytes per token of one sequence: keys and values of every layer."""
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    return 2 * cfg["num_hidden_layers"] * (cfg.get("num_key_value_heads") or heads) * head_dim * dtype_bytes
+
+
 def estimate(cfg: dict, rec: Recipe, target: str, launch: Launch = Launch()) -> list[Need]:
     """Peak RAM and disk of each stage of `toolchain edge` for a decoder config.json, a recipe and a target."""
     total, linear = _params(cfg)
@@ -136,10 +149,15 @@ def estimate(cfg: dict, rec: Recipe, target: str, launch: Launch = Launch()) -> 
     precision = _target_precision(target)
     art = linear * TARGET_BYTES_PER_PARAM[precision] + (total - linear) * 4
     ft_disk = total * FULL_FINETUNE_BYTES_PER_PARAM if method == "full" else 0
-    finetune = Need("finetune", RUNTIME_OVERHEAD + states * copies + act, ft_disk,
+    train = states * copies + act
+    generate = (own if large else fp32) + _kv_bytes(cfg, 2 if large else 4) * max(
+        GENERAL_BATCH * GENERAL_TOKENS, rec.metric.batch_size * (rec.data.max_length + rec.metric.max_new_tokens))
+    finetune = Need("finetune", RUNTIME_OVERHEAD + max(train, generate), ft_disk,
                     f"{what}, max_length {rec.data.max_length}, batch {rec.train.batch_size}"
                     f"{' / ' + str(rec.train.grad_accum) + ' micro-batches' if rec.train.grad_accum > 1 else ''}"
-                    f"{', gradient checkpointing' if rec.train.gradient_checkpointing else ''}{launch_note}")
+                    f"{', gradient checkpointing' if rec.train.gradient_checkpointing else ''}{launch_note}"
+                    + (f"; before training, the base answers the replay and held-out prompts in "
+                       f"{'its own dtype' if large else 'fp32'}, batches of {GENERAL_BATCH}" if generate > train else ""))
     if large:
         return [
             finetune,

@@ -67,8 +67,8 @@ def finetune(src: Resolved, rec: Recipe, rec_file: Path, out: Path, *, evaluate:
     spec, method = rec.train, rec.method
     tok = load_tokenizer(src.path, trust_remote_code)
     dtype = working_dtype(src.path)  # fp32; a large model's own dtype (an fp32 Phi-3-mini is 15 GB)
-    base = _Once(lambda: load_causal_lm(src.path, trust_remote_code, dtype=dtype))  # replay, base scores, training
-    replay_rows, replay_info = replay_mod.rows(src, rec, rec_file, tok, load_base=base)
+    shared = _Once(lambda: load_causal_lm(src.path, trust_remote_code, dtype=dtype))  # replay, base scores, training
+    replay_rows, replay_info = replay_mod.rows(src, rec, rec_file, tok, load_base=shared)
     ds = data_mod.load(rec, rec_file, tok, replay=replay_rows)
     general = retention_mod.read_items(RETENTION_SET)
     micro_batches(list(range(spec.batch_size)), 0, world, spec.grad_accum)  # fail fast on a bad split
@@ -80,12 +80,12 @@ def finetune(src: Resolved, rec: Recipe, rec_file: Path, out: Path, *, evaluate:
                                               "method": method.type, "replay": replay_info}
     seed_everything(spec.seed)
     if evaluate and lead and "base" not in results:  # the base in that dtype, whatever trains on top of it
-        results["base"] = _base_score(base, tok, rec, ds, src, general)
+        results["base"] = _base_score(shared, tok, rec, ds, src, general)
     if method.type == "qlora":
-        base.drop()  # freed before the NF4 copy loads
+        shared.drop()  # freed before the NF4 copy loads
         net = methods.load_nf4(src.path, method, trust_remote_code)
     else:
-        net = base()
+        net = shared()
     net = methods.trainable(net, method, src.card.lora_target_modules, bf16, spec.gradient_checkpointing)
     params = [p for p in net.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from toolchain.config.schema import Launch, Recipe
-from toolchain.config.shapes import LARGE_MODEL_BYTES, param_count, weight_bytes
+from toolchain.config.shapes import LARGE_MODEL_BYTES, attention_dims, param_count, weight_bytes
 from toolchain.runtime.errors import ToolchainError
 from toolchain.runtime.retention import GENERAL_BATCH
 
@@ -116,9 +116,8 @@ def _activations(cfg: dict, rec: Recipe, per_rank_batch: float, dtype_bytes: int
 
 def _kv_bytes(cfg: dict, dtype_bytes: int) -> int:
     """The KV cache's bytes per token of one sequence: keys and values of every layer."""
-    heads = cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    return 2 * cfg["num_hidden_layers"] * (cfg.get("num_key_value_heads") or heads) * head_dim * dtype_bytes
+    _, kv_heads, head_dim = attention_dims(cfg)
+    return 2 * cfg["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes
 
 
 def estimate(cfg: dict, rec: Recipe, target: str, launch: Launch = Launch()) -> list[Need]:

@@ -64,9 +64,15 @@ def phi3_config(card: str, **changes) -> dict:
         raise ToolchainError(f"no recorded shape for '{card}'; shapes exist for: {', '.join(PHI)}")
     cfg = {**_COMMON, **PHI[card], **changes}
     if cfg.get("rope_scaling") == "longrope":
-        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-        cfg["rope_scaling"] = longrope(head_dim, cfg.get("partial_rotary_factor", 1.0))
+        cfg["rope_scaling"] = longrope(attention_dims(cfg)[2], cfg.get("partial_rotary_factor", 1.0))
     return cfg
+
+
+def attention_dims(cfg: dict) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head size) from config.json fields; without num_key_value_heads every query
+    head has its own (no GQA), without head_dim the heads split hidden_size."""
+    heads = cfg["num_attention_heads"]
+    return heads, cfg.get("num_key_value_heads") or heads, cfg.get("head_dim") or cfg["hidden_size"] // heads
 
 
 def param_count(cfg: dict) -> int:
@@ -78,8 +84,7 @@ def param_count(cfg: dict) -> int:
         heads, vocab = cfg["num_attention_heads"], cfg["vocab_size"]
     except KeyError as e:
         raise ToolchainError(f"config.json lacks {e.args[0]}; cannot count the model's parameters") from None
-    kv = cfg.get("num_key_value_heads") or heads
-    head_dim = cfg.get("head_dim") or h // heads
+    _, kv, head_dim = attention_dims(cfg)
     attn = h * heads * head_dim + 2 * h * kv * head_dim + heads * head_dim * h
     mlp = 3 * h * inter
     per_layer = attn + mlp + 2 * h

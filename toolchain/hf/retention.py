@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from toolchain.hf.evaluate import generate
+from toolchain.hf.models import collate
 from toolchain.runtime import retention as rt
 from toolchain.runtime.metrics import LogitStats
 
@@ -49,12 +50,10 @@ def drift(tuned, tok, items: list[dict], base=None, batch_size: int = 16) -> dic
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     for i in range(0, len(seqs), batch_size):
         rows = seqs[i:i + batch_size]
-        width = max(map(len, rows))
-        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-        q = tuned(input_ids=ids, attention_mask=mask).logits
+        b = collate([{"input_ids": r} for r in rows], pad)
+        q = tuned(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         with (nullcontext() if base is not None else tuned.disable_adapter()):
-            ref = (base if base is not None else tuned)(input_ids=ids, attention_mask=mask).logits
+            ref = (base if base is not None else tuned)(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         for j, r in enumerate(rows):
             _add(stats, ref[j, :len(r) - 1].float(), q[j, :len(r) - 1].float(), torch.tensor(r[1:]))
     r = stats.result()
